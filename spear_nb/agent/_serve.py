@@ -1,0 +1,295 @@
+"""The agent: the code inside an instance that answers execute requests.
+
+It dials the host's address from its environment, authenticates with its instance
+secret, loads the function named by the host's reply, and serves calls until the
+host says stop or goes away. It uses blocking sockets and imports only the standard
+library and msgpack until a call needs more, so that it connects within a few
+milliseconds of being started.
+
+Environment: SPEAR_INSTANCE_ID, SPEAR_SECRET, SPEAR_CHANNEL (unix or tcp),
+SPEAR_ADDRESS (a socket path or host:port), SPEAR_MAX_FRAME, SPEAR_HOST_PID.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgpack
+
+from spear_nb.communication.protocol import (
+    DEFAULT_MAX_FRAME,
+    LENGTH,
+    Message,
+    MessageType,
+    check_length,
+    frame,
+    unpack,
+)
+
+EXIT_OK = 0
+EXIT_NO_HOST = 3
+EXIT_AUTH = 4
+EXIT_LOAD = 5
+
+
+class AgentError(Exception):
+    """Raised inside the agent when it cannot go on; its message goes to stderr."""
+
+
+class _Cancelled(BaseException):
+    """Raised into a running function when the host cancels its call."""
+
+
+class Wire:
+    """Blocking framed messages over one socket."""
+
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self._buffer = bytearray(256 * 1024)
+        self._start = 0
+        self._end = 0
+        self._lock = threading.Lock()
+
+    def read(self) -> Message | None:
+        """Return the next message, or None when the peer closed the connection."""
+        while True:
+            have = self._end - self._start
+            need = LENGTH.size
+            if have >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(self._buffer, self._start)
+                check_length(length, self.max_frame)
+                need = LENGTH.size + length
+                if have >= need:
+                    begin = self._start + LENGTH.size
+                    self._start += need
+                    with memoryview(self._buffer) as view:
+                        return unpack(view[begin : begin + length])
+            if self._start + need > len(self._buffer):
+                self._compact(need)
+            with memoryview(self._buffer) as view:
+                received = self.sock.recv_into(view[self._end :])
+            if received == 0:
+                return None
+            self._end += received
+
+    def _compact(self, need: int) -> None:
+        pending = self._buffer[self._start : self._end]
+        if need > len(self._buffer):
+            self._buffer = bytearray(max(need, 2 * len(self._buffer)))
+        self._buffer[: len(pending)] = pending
+        self._start, self._end = 0, len(pending)
+
+    def write(self, message: Message) -> None:
+        data = frame(message, self.max_frame)
+        with self._lock:
+            self.sock.sendall(data)
+
+
+def connect(env: dict[str, str]) -> socket.socket:
+    """Dial the host's address from the environment."""
+    kind = env.get("SPEAR_CHANNEL", "unix")
+    address = env.get("SPEAR_ADDRESS", "")
+    if not address:
+        raise AgentError(
+            "SPEAR_ADDRESS is not set: this program is meant to be started by a "
+            "spear_nb session, not by hand"
+        )
+    try:
+        if kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(address)
+        elif kind == "tcp":
+            host, _, port = address.rpartition(":")
+            sock = socket.create_connection((host, int(port)))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            raise AgentError(f"the agent cannot dial a {kind!r} channel")
+    except OSError as exc:
+        raise AgentError(f"cannot reach the host at {kind}:{address}: {exc}") from exc
+    return sock
+
+
+def authenticate(wire: Wire, env: dict[str, str]) -> bytes:
+    """Send the auth request; return the host's bootstrap payload."""
+    request = Message(MessageType.AUTH_REQUEST, 0)
+    request.headers = {
+        "instance_id": env.get("SPEAR_INSTANCE_ID", ""),
+        "secret": env.get("SPEAR_SECRET", ""),
+        "pid": os.getpid(),
+    }
+    wire.write(request)
+    reply = wire.read()
+    if reply is None:
+        raise AgentError("the host closed the connection during authentication")
+    if reply.type is not MessageType.AUTH_RESPONSE or not reply.header("ok"):
+        raise AgentError(
+            "the host refused this instance: "
+            + reply.payload.decode("utf-8", "replace")
+        )
+    return reply.payload
+
+
+def die_with_parent(host_pid: int) -> None:
+    """Ask Linux to kill this process when the host dies (best effort)."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass
+    if host_pid and os.getppid() != host_pid:
+        raise AgentError("the host exited while this instance was starting")
+
+
+def load_function(bootstrap: bytes, script_fn: Callable[..., Any] | None) -> Any:
+    """Turn the host's bootstrap payload into the function to serve."""
+    spec = msgpack.unpackb(bootstrap, raw=False)
+    kind = spec.get("kind")
+    if kind == "callable":
+        return pickle.loads(spec["code"])
+    if kind == "handler":
+        import importlib
+
+        module_name, _, attribute = spec["target"].partition(":")
+        module = importlib.import_module(module_name)
+        fn = module
+        for part in attribute.split("."):
+            fn = getattr(fn, part)
+        return fn
+    if kind == "script":
+        if script_fn is None:
+            raise AgentError("the script did not pass a function to serve()")
+        return script_fn
+    raise AgentError(f"the host asked for an unknown artifact kind {kind!r}")
+
+
+class Server:
+    """Serves execute requests on the main thread, one at a time."""
+
+    def __init__(self, wire: Wire, fn: Callable[..., Any]) -> None:
+        self.wire = wire
+        self.fn = fn
+        self.current = 0  # request id of the call running now, 0 when idle
+        self.cancelled = 0
+
+    def on_cancel_signal(self, signum: int, frame: Any) -> None:
+        if self.current and self.current != self.cancelled:
+            self.cancelled = self.current
+            raise _Cancelled()
+
+    def serve(self) -> int:
+        while True:
+            message = self.wire.read()
+            if message is None:
+                return EXIT_NO_HOST
+            kind = message.type
+            if kind is MessageType.EXECUTE_REQUEST:
+                self.execute(message)
+            elif kind is MessageType.HEARTBEAT:
+                self.wire.write(Message(MessageType.HEARTBEAT, message.request_id))
+            elif kind is MessageType.CLOSE:
+                return EXIT_OK
+            # A SIGNAL for a call that is no longer running needs no answer.
+
+    def execute(self, request: Message) -> None:
+        rid = request.request_id
+        reply: Message
+        try:
+            self.current = rid
+            try:
+                args, kwargs = pickle.loads(request.payload)
+                result = self.fn(*args, **kwargs)
+                if request.header("mode") == "stream":
+                    result = self.stream(rid, result)
+                payload = dumps(result)
+            finally:
+                self.current = 0
+            reply = Message(
+                MessageType.EXECUTE_RESPONSE, rid, payload, {"status": "ok"}
+            )
+        except _Cancelled:
+            reply = Message(
+                MessageType.EXECUTE_RESPONSE, rid, b"", {"status": "cancelled"}
+            )
+        except Exception as exc:
+            reply = error_reply(rid, exc)
+        try:
+            self.wire.write(reply)
+        except _Cancelled:  # a late cancel signal while replying
+            self.wire.write(reply)
+
+    def stream(self, rid: int, result: Any) -> int:
+        """Send each item of an iterator as a stream chunk; return the count."""
+        if not isinstance(result, Iterator) and not hasattr(result, "__iter__"):
+            raise TypeError(
+                f"a streamed function must return an iterator, not {type(result).__name__}"
+            )
+        count = 0
+        for item in result:
+            self.wire.write(Message(MessageType.STREAM_DATA, rid, dumps(item)))
+            count += 1
+        return count
+
+
+def dumps(value: Any) -> bytes:
+    """Pickle a value, falling back to cloudpickle for things pickle refuses."""
+    try:
+        return pickle.dumps(value, protocol=5)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        import cloudpickle
+
+        return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
+
+
+def error_reply(rid: int, exc: BaseException) -> Message:
+    """An execute response that carries an exception and its traceback."""
+    body = msgpack.packb(
+        {
+            "type": type(exc).__qualname__,
+            "message": str(exc),
+            "traceback": "".join(traceback.format_exception(exc)),
+        },
+        use_bin_type=True,
+    )
+    return Message(MessageType.EXECUTE_RESPONSE, rid, body, {"status": "error"})
+
+
+def run(script_fn: Callable[..., Any] | None = None) -> int:
+    """Connect, authenticate, load the function and serve; return the exit code."""
+    env = dict(os.environ)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        max_frame = int(env.get("SPEAR_MAX_FRAME", DEFAULT_MAX_FRAME))
+        wire = Wire(connect(env), max_frame)
+        bootstrap = authenticate(wire, env)
+        die_with_parent(int(env.get("SPEAR_HOST_PID", "0")))
+    except AgentError as exc:
+        print(f"spear_nb agent: {exc}", file=sys.stderr)
+        return EXIT_AUTH
+    try:
+        fn = load_function(bootstrap, script_fn)
+    except BaseException as exc:  # report any failure to load, then stop
+        failure = error_reply(0, exc)
+        failure.type = MessageType.ERROR
+        wire.write(failure)
+        print(f"spear_nb agent: cannot load the function: {exc!r}", file=sys.stderr)
+        return EXIT_LOAD
+    wire.write(Message(MessageType.SIGNAL, 0, b"", {"signal": "ready"}))
+    server = Server(wire, fn)
+    signal.signal(signal.SIGUSR1, server.on_cancel_signal)
+    try:
+        return server.serve()
+    except (ConnectionError, OSError):
+        return EXIT_NO_HOST

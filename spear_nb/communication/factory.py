@@ -1,0 +1,282 @@
+"""The communication factory: one pooled, authenticated channel per instance.
+
+Each runtime has a strategy, a primary channel type and fallbacks. For transports
+where the host listens (unix, tcp) the factory owns the listeners, registers the
+secret an instance will present, and hands the instance the address to dial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from spear_nb.communication.channel import Channel, ChannelType
+from spear_nb.communication.protocol import DEFAULT_MAX_FRAME
+from spear_nb.communication.stream import StreamChannel, StreamListener
+from spear_nb.errors import (
+    AuthenticationFailed,
+    ChannelError,
+    ConfigurationError,
+    InstanceStartFailed,
+)
+from spear_nb.execution.events import EventLog
+
+logger = logging.getLogger(__name__)
+
+# runtime -> channel types in order of preference
+DEFAULT_STRATEGIES: dict[str, tuple[str, ...]] = {
+    "process": ("unix", "tcp"),
+    "kubernetes": ("grpc", "tcp"),
+    "wasm": ("memory",),
+}
+DIAL_IN_TYPES = ("unix", "tcp")
+# sun_path holds 108 bytes on Linux, 104 on macOS, including the final NUL.
+MAX_UNIX_PATH = 103
+
+
+@dataclass
+class _Expectation:
+    instance_id: str
+    secret: str
+    bootstrap: bytes
+    future: asyncio.Future[Channel]
+    channel_type: str
+    auth_failures: int = 0
+
+
+@dataclass
+class FactoryStats:
+    auth_failures: int = 0
+    fallbacks: int = 0
+    replaced: int = 0
+    unknown_instance_attempts: int = 0
+    fallback_reasons: list[str] = field(default_factory=list)
+
+
+Connector = Callable[[], Awaitable[Channel]]
+
+
+class CommunicationFactory:
+    """Hands out the channel of an instance, creating or replacing it as needed."""
+
+    def __init__(
+        self,
+        workdir: str,
+        events: EventLog,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        strategies: dict[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.events = events
+        self.max_frame = max_frame
+        self.strategies = dict(DEFAULT_STRATEGIES)
+        if strategies:
+            self.strategies.update(strategies)
+        self.stats = FactoryStats()
+        self._listeners: dict[str, StreamListener] = {}
+        self._listener_lock = asyncio.Lock()
+        self._expected: dict[str, _Expectation] = {}
+        self._pool: dict[str, Channel] = {}
+        self._connectors: dict[str, Connector] = {}
+        self._history: list[Channel] = []
+
+    # -- dial-in transports ------------------------------------------------------
+
+    def strategy(self, runtime: str, override: str = "") -> tuple[str, ...]:
+        """The channel types to try for a runtime, most preferred first."""
+        if override:
+            return (override, *[t for t in self.strategies[runtime] if t != override])
+        return self.strategies[runtime]
+
+    async def listen_for(
+        self, instance_id: str, secret: str, bootstrap: bytes, types: tuple[str, ...]
+    ) -> dict[str, str]:
+        """Prepare for an instance to dial in; return the environment it needs.
+
+        Tries the channel types in order and falls back when a listener cannot be
+        made (for example a socket path too long for the OS), logging why.
+        """
+        reasons: list[str] = []
+        for kind in types:
+            if kind not in DIAL_IN_TYPES:
+                reasons.append(f"{kind}: instances cannot dial in over it")
+                continue
+            try:
+                listener = await self._listener(kind)
+            except (OSError, ChannelError) as exc:
+                reasons.append(f"{kind}: {exc}")
+                continue
+            if reasons:
+                self._fell_back(instance_id, kind, reasons)
+            loop = asyncio.get_running_loop()
+            self._expected[instance_id] = _Expectation(
+                instance_id, secret, bootstrap, loop.create_future(), kind
+            )
+            return listener.env()
+        raise ChannelError(
+            f"no channel could be opened for instance {instance_id}; tried "
+            + "; ".join(reasons)
+        )
+
+    def _fell_back(self, instance_id: str, chosen: str, reasons: list[str]) -> None:
+        reason = "; ".join(reasons)
+        self.stats.fallbacks += 1
+        self.stats.fallback_reasons.append(f"{instance_id}: {reason} -> {chosen}")
+        logger.info("instance %s uses %s: %s", instance_id, chosen, reason)
+        self.events.note(
+            "channel_fallback", f"{reason}; using {chosen}", instance_id=instance_id
+        )
+
+    async def _listener(self, kind: str) -> StreamListener:
+        async with self._listener_lock:
+            existing = self._listeners.get(kind)
+            if existing is not None:
+                return existing
+            listener = StreamListener(
+                ChannelType(kind), self._authenticate, self.max_frame, self._refused
+            )
+            if kind == "unix":
+                path = os.path.join(self.workdir, "host.sock")
+                if len(os.fsencode(path)) > MAX_UNIX_PATH:
+                    raise ChannelError(
+                        f"the socket path {path!r} is longer than the {MAX_UNIX_PATH} "
+                        "bytes the OS allows"
+                    )
+                _remove_stale_socket(path)
+                await listener.start_unix(path)
+            else:
+                await listener.start_tcp()
+            self._listeners[kind] = listener
+            logger.debug("listening for instances on %s", listener.address)
+            return listener
+
+    def _authenticate(
+        self, channel: StreamChannel, instance_id: str, secret: str
+    ) -> bytes:
+        expected = self._expected.get(instance_id)
+        if expected is None:
+            self.stats.unknown_instance_attempts += 1
+            raise AuthenticationFailed(f"no instance {instance_id!r} is expected")
+        if not hmac.compare_digest(secret.encode(), expected.secret.encode()):
+            expected.auth_failures += 1
+            raise AuthenticationFailed(f"wrong secret for instance {instance_id}")
+        if expected.future.done():
+            raise AuthenticationFailed(f"instance {instance_id} is already connected")
+        channel.instance_id = instance_id
+        channel.on_lost(self._lost)
+        self._pool[instance_id] = channel
+        self._history.append(channel)
+        expected.future.set_result(channel)
+        return expected.bootstrap
+
+    def _refused(self, channel: StreamChannel, reason: str) -> None:
+        self.stats.auth_failures += 1
+        self.events.note("auth_refused", reason, instance_id=channel.instance_id)
+
+    def _lost(self, channel: Channel) -> None:
+        if channel.close_reason != "closed by the host":
+            self.events.note(
+                "channel_lost", channel.close_reason, instance_id=channel.instance_id
+            )
+
+    async def wait_connected(
+        self, instance_id: str, timeout: float, gone: asyncio.Future[object] | None
+    ) -> Channel:
+        """Wait until the instance has dialled in and authenticated.
+
+        ``gone`` completes if the instance dies first, which ends the wait at once.
+        """
+        expected = self._expected[instance_id]
+        waiters: set[asyncio.Future[object]] = {expected.future}  # type: ignore[arg-type]
+        if gone is not None:
+            waiters.add(gone)
+        done, _ = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if expected.future in done:
+            return expected.future.result()
+        if not done:
+            raise InstanceStartFailed(
+                f"instance {instance_id} did not connect within {timeout:g} s"
+            )
+        raise InstanceStartFailed(f"instance {instance_id} exited before connecting")
+
+    # -- channels made by runtimes (memory, grpc) ---------------------------------
+
+    def set_connector(self, instance_id: str, connector: Connector) -> None:
+        """Register how to (re)create the channel of an instance the host dials."""
+        self._connectors[instance_id] = connector
+
+    # -- the pool ----------------------------------------------------------------
+
+    async def get_or_create_channel(self, instance_id: str) -> Channel:
+        """Return the live pooled channel of an instance, replacing a dead one."""
+        channel = self._pool.get(instance_id)
+        if channel is not None and channel.connected:
+            return channel
+        if channel is not None:
+            del self._pool[instance_id]
+            self.stats.replaced += 1
+        connector = self._connectors.get(instance_id)
+        if connector is None:
+            reason = channel.close_reason if channel is not None else "never connected"
+            raise ChannelError(
+                f"the channel to instance {instance_id} is gone ({reason}) and the "
+                "instance cannot dial in again; it will be replaced"
+            )
+        fresh = await connector()
+        fresh.on_lost(self._lost)
+        self._pool[instance_id] = fresh
+        self._history.append(fresh)
+        return fresh
+
+    def pooled(self, instance_id: str) -> Channel | None:
+        return self._pool.get(instance_id)
+
+    def release(self, instance_id: str) -> None:
+        """Close and forget the channel of a stopped instance."""
+        self._expected.pop(instance_id, None)
+        self._connectors.pop(instance_id, None)
+        channel = self._pool.pop(instance_id, None)
+        if channel is not None:
+            channel.close()
+
+    def channels(self) -> list[Channel]:
+        """Every channel made in this session, live ones and closed ones."""
+        return list(self._history)
+
+    def auth_failures_for(self, instance_id: str) -> int:
+        expected = self._expected.get(instance_id)
+        return expected.auth_failures if expected is not None else 0
+
+    def listener_addresses(self) -> dict[str, str]:
+        return {kind: lst.address for kind, lst in self._listeners.items()}
+
+    async def close(self) -> None:
+        """Close every channel and listener."""
+        for instance_id in list(self._pool):
+            self.release(instance_id)
+        for listener in self._listeners.values():
+            await listener.close()
+        self._listeners.clear()
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file nobody listens on any more (left by a crash)."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        logger.warning("removing a stale socket file %s", path)
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise ConfigurationError(f"another process is already listening on {path}")

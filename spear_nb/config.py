@@ -1,0 +1,77 @@
+"""Session-wide settings, with the defaults of the system spear_nb comes from."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from spear_nb.communication.protocol import DEFAULT_MAX_FRAME
+from spear_nb.errors import ConfigurationError
+from spear_nb.execution.model import QueuePolicy, TaskSettings
+from spear_nb.execution.scheduler import POLICIES
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionConfig:
+    """How a session runs its instances.
+
+    Every field has a default; a function's own settings (``register(...,
+    timeout=...)``) override the task defaults given here.
+    """
+
+    max_instances_per_task: int = 50
+    max_concurrency_per_instance: int = 1
+    execution_timeout: float = 300.0
+    instance_start_timeout: float = 30.0
+    instance_idle_timeout: float = 120.0
+    health_check_interval: float = 10.0
+    health_check_failures: int = 3
+    queue_policy: str = "wait"
+    max_queue: int = 1024
+    scheduler: str = "least_connections"
+    max_frame_size: int = DEFAULT_MAX_FRAME
+    stop_grace: float = 2.0
+    event_log_size: int = 10_000
+    execution_log_size: int = 10_000
+    python: str = ""  # interpreter for process instances; "" means sys.executable
+
+    def __post_init__(self) -> None:
+        positive = (
+            "max_instances_per_task",
+            "max_concurrency_per_instance",
+            "execution_timeout",
+            "instance_start_timeout",
+            "instance_idle_timeout",
+            "health_check_interval",
+            "health_check_failures",
+            "max_frame_size",
+            "event_log_size",
+            "execution_log_size",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(
+                    f"SessionConfig.{name} must be positive, got {getattr(self, name)!r}"
+                )
+        if self.queue_policy not in {p.value for p in QueuePolicy}:
+            raise ConfigurationError(
+                f"SessionConfig.queue_policy must be 'wait' or 'reject', got "
+                f"{self.queue_policy!r}"
+            )
+        if self.scheduler not in POLICIES:
+            raise ConfigurationError(
+                f"SessionConfig.scheduler must be one of {', '.join(sorted(POLICIES))},"
+                f" got {self.scheduler!r}"
+            )
+
+    def task_settings(self) -> TaskSettings:
+        """The task settings a function gets unless it says otherwise."""
+        return TaskSettings(
+            timeout=self.execution_timeout,
+            max_instances=self.max_instances_per_task,
+            max_concurrency=self.max_concurrency_per_instance,
+            idle_timeout=self.instance_idle_timeout,
+            start_timeout=self.instance_start_timeout,
+            queue_policy=QueuePolicy(self.queue_policy),
+            max_queue=self.max_queue,
+            scheduler=self.scheduler,
+        )

@@ -1,0 +1,538 @@
+"""The TaskExecutionManager: the five phases of the flow.
+
+``submit_execution`` takes a request through artifact, task, instance, channel and
+execute, and emits one event per phase. Everything here runs on the session's event
+loop thread; nothing in this module is thread-safe, nor needs to be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+from spear_nb.communication.factory import CommunicationFactory
+from spear_nb.config import SessionConfig
+from spear_nb.errors import (
+    ChannelError,
+    ConfigurationError,
+    ExecutionCancelled,
+    ExecutionTimeout,
+    FunctionNotFound,
+    InstanceCrashed,
+    InstanceError,
+    ResourceExhausted,
+    SessionClosed,
+    SpearError,
+    describe,
+)
+from spear_nb.execution.events import EventLog
+from spear_nb.execution.model import (
+    Artifact,
+    ArtifactSpec,
+    Execution,
+    ExecutionStatus,
+    Health,
+    InstanceStatus,
+    InvokeFunctionRequest,
+    QueuePolicy,
+    Task,
+    TaskInstance,
+    TaskSettings,
+    TaskStatus,
+)
+from spear_nb.execution.scheduler import Scheduler
+from spear_nb.runtime.base import RuntimeManager
+
+logger = logging.getLogger(__name__)
+
+
+class ManagerState(str, enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class TaskExecutionManager:
+    """Turns requests into executions on warm instances."""
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        runtimes: RuntimeManager,
+        factory: CommunicationFactory,
+        events: EventLog,
+    ) -> None:
+        self.config = config
+        self.runtimes = runtimes
+        self.factory = factory
+        self.events = events
+        self.state = ManagerState.OPEN
+        self.artifacts: dict[str, Artifact] = {}
+        self.tasks: dict[str, Task] = {}
+        self.functions: dict[str, Task] = {}
+        self.instances: dict[str, TaskInstance] = {}
+        self.executions: deque[Execution] = deque(maxlen=config.execution_log_size)
+        self._execution_numbers = itertools.count(1)
+        self._task_numbers: dict[str, itertools.count[int]] = {}
+        self._schedulers: dict[str, Scheduler] = {}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._running: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
+        self._maintenance: asyncio.Task[None] | None = None
+        runtimes.context.on_instance_lost = self._instance_lost
+
+    # -- phase 2: artifact and task ----------------------------------------------
+
+    def get_or_create_artifact(self, spec: ArtifactSpec) -> tuple[Artifact, bool]:
+        """The artifact of a spec; equal specs share one."""
+        artifact_id = f"art-{spec.digest()[:8]}"
+        existing = self.artifacts.get(artifact_id)
+        if existing is not None:
+            return existing, False
+        artifact = Artifact(artifact_id, spec)
+        self.artifacts[artifact_id] = artifact
+        return artifact, True
+
+    def get_or_create_task(
+        self, name: str, artifact: Artifact, settings: TaskSettings
+    ) -> tuple[Task, bool]:
+        """The task serving ``name``; a new one if its artifact or settings changed."""
+        current = self.functions.get(name)
+        if (
+            current is not None
+            and current.artifact is artifact
+            and current.settings == settings
+        ):
+            return current, False
+        numbers = self._task_numbers.setdefault(name, itertools.count(1))
+        number = next(numbers)
+        task_id = name if number == 1 else f"{name}#{number}"
+        task = Task(task_id, name, artifact, settings)
+        self.tasks[task_id] = task
+        self._schedulers[task_id] = Scheduler(settings.scheduler)
+        self._waiters[task_id] = deque()
+        self.functions[name] = task
+        if current is not None:
+            self._retire(current)
+        return task, True
+
+    async def register(
+        self, name: str, spec: ArtifactSpec, settings: TaskSettings
+    ) -> Task:
+        """Validate a function's spec and map ``name`` to its task."""
+        self._check_open()
+        started = time.perf_counter()
+        self.runtimes.get(spec.runtime).validate(spec)
+        artifact, new_artifact = self.get_or_create_artifact(spec)
+        task, new_task = self.get_or_create_task(name, artifact, settings)
+        self.events.emit(
+            "register",
+            started,
+            artifact_id=artifact.artifact_id,
+            task_id=task.task_id,
+            detail=f"{name}: {'new' if new_artifact else 'same'} artifact, "
+            f"{'new' if new_task else 'same'} task",
+        )
+        self._ensure_maintenance()
+        return task
+
+    def _retire(self, task: Task) -> None:
+        """Stop the instances of a task that no name points to any more."""
+        if any(t is task for t in self.functions.values()):
+            return
+        task.status = TaskStatus.STOPPED
+        for instance in list(task.instances):
+            self._spawn(self.stop_instance(instance, "its function was re-registered"))
+
+    # -- phase 1..5 ----------------------------------------------------------------
+
+    async def submit_execution(
+        self, request: InvokeFunctionRequest, execution: Execution | None = None
+    ) -> Any:
+        """Run one request through the five phases and return its result."""
+        self._check_open()
+        emit = self.events.emit
+        started = time.perf_counter()
+        if execution is None:
+            execution = self.new_execution(request)
+        xid = execution.execution_id
+        task = self.functions.get(request.function)
+        if task is None:
+            execution.status = ExecutionStatus.FAILED
+            execution.error = "unknown function"
+            raise FunctionNotFound(
+                f"no function named {request.function!r} is registered; registered: "
+                + (", ".join(sorted(self.functions)) or "none")
+            )
+        emit("request", started, xid, detail=request.function)
+        artifact = task.artifact
+        execution.task_id = task.task_id
+        execution.artifact_id = artifact.artifact_id
+        phase = time.perf_counter()
+        emit("artifact", phase, xid, artifact.artifact_id)
+        emit("task", phase, xid, artifact.artifact_id, task.task_id)
+        timeout = (
+            request.timeout if request.timeout is not None else task.settings.timeout
+        )
+        current = asyncio.current_task()
+        if current is not None:
+            self._running.add(current)
+        instance: TaskInstance | None = None
+        ok = False
+        try:
+            phase = time.perf_counter()
+            instance, new = await self.get_or_create_instance(task, phase + timeout)
+            execution.instance_id = instance.instance_id
+            execution.new_instance = new
+            emit(
+                "instance",
+                phase,
+                xid,
+                artifact.artifact_id,
+                task.task_id,
+                instance.instance_id,
+                "new" if new else "reused",
+            )
+            runtime = self.runtimes.get(task.runtime)
+            channel = None
+            if runtime.uses_channel(instance):
+                phase = time.perf_counter()
+                channel = await self.factory.get_or_create_channel(instance.instance_id)
+                execution.channel_id = channel.channel_id
+                emit(
+                    "channel",
+                    phase,
+                    xid,
+                    artifact.artifact_id,
+                    task.task_id,
+                    instance.instance_id,
+                    channel.type.value,
+                )
+            execution.status = ExecutionStatus.RUNNING
+            phase = time.perf_counter()
+            remaining = max(0.001, started + timeout - phase)
+            result = await runtime.execute(
+                instance, channel, request, execution, remaining
+            )
+            emit(
+                "execute",
+                phase,
+                xid,
+                artifact.artifact_id,
+                task.task_id,
+                instance.instance_id,
+            )
+            ok = True
+            execution.status = ExecutionStatus.SUCCEEDED
+            return result
+        except asyncio.CancelledError:
+            execution.status = ExecutionStatus.CANCELLED
+            execution.error = "cancelled"
+            if self.state is not ManagerState.OPEN:
+                execution.error = "the session was closed"
+                raise SessionClosed(
+                    "the session was closed while this call was running"
+                ) from None
+            raise
+        except ExecutionTimeout as exc:
+            execution.status = ExecutionStatus.TIMED_OUT
+            execution.error = describe(exc)
+            raise
+        except ExecutionCancelled as exc:
+            execution.status = ExecutionStatus.CANCELLED
+            execution.error = describe(exc)
+            raise
+        except (InstanceCrashed, ChannelError) as exc:
+            execution.status = ExecutionStatus.FAILED
+            execution.error = describe(exc)
+            if instance is not None:
+                self._instance_lost(instance, describe(exc))
+            raise
+        except SpearError as exc:
+            execution.status = ExecutionStatus.FAILED
+            execution.error = describe(exc)
+            raise
+        finally:
+            if current is not None:
+                self._running.discard(current)
+            duration = time.perf_counter() - started
+            execution.duration = duration
+            if instance is not None:
+                instance.metrics.finished(duration, ok)
+                task.metrics.finished(duration, ok)
+                self._wake(task)
+
+    def new_execution(self, request: InvokeFunctionRequest) -> Execution:
+        """Create and log the record of a call."""
+        execution = Execution(
+            f"ex-{next(self._execution_numbers)}", request.function, request.mode
+        )
+        self.executions.append(execution)
+        return execution
+
+    # -- phase 3: instance ---------------------------------------------------------
+
+    async def get_or_create_instance(
+        self, task: Task, deadline: float
+    ) -> tuple[TaskInstance, bool]:
+        """A ready instance with a free slot: reused, created, or waited for."""
+        scheduler = self._schedulers[task.task_id]
+        settings = task.settings
+        while True:
+            self._check_open()
+            instance = scheduler.select(task.instances)
+            if instance is not None:
+                instance.metrics.started()
+                task.metrics.started()
+                return instance, False
+            if len(task.instances) + task.starting < settings.max_instances:
+                instance = await self._create_instance(task)
+                instance.metrics.started()
+                task.metrics.started()
+                return instance, True
+            waiters = self._waiters[task.task_id]
+            if settings.queue_policy is QueuePolicy.REJECT or (
+                len(waiters) >= settings.max_queue
+            ):
+                raise ResourceExhausted(
+                    f"all {settings.max_instances} instances of {task.name!r} are "
+                    f"busy and {len(waiters)} calls already wait; raise "
+                    "max_instances or max_queue, or call again later"
+                )
+            await self._wait_for_slot(task, deadline)
+
+    async def _wait_for_slot(self, task: Task, deadline: float) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters[task.task_id]
+        waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, max(0.0, deadline - time.perf_counter()))
+        except asyncio.TimeoutError:
+            raise ExecutionTimeout(
+                f"no instance of {task.name!r} became free before the call's timeout"
+            ) from None
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+
+    def _wake(self, task: Task) -> None:
+        waiters = self._waiters.get(task.task_id)
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    async def _create_instance(self, task: Task) -> TaskInstance:
+        task.starting += 1
+        started = time.perf_counter()
+        instance = TaskInstance(task.next_instance_id(), task, secrets.token_hex(16))
+        self.instances[instance.instance_id] = instance
+        runtime = self.runtimes.get(task.runtime)
+        try:
+            instance.move(InstanceStatus.STARTING)
+            await runtime.start_instance(instance)
+            self._check_open()
+        except BaseException as exc:
+            instance.failure = describe(exc)
+            instance.move(InstanceStatus.FAILED)
+            instance.health = Health.UNHEALTHY
+            self.factory.release(instance.instance_id)
+            self.events.emit(
+                "instance_failed",
+                started,
+                task_id=task.task_id,
+                instance_id=instance.instance_id,
+                detail=instance.failure,
+            )
+            if not isinstance(exc, InstanceError) and isinstance(exc, Exception):
+                if isinstance(exc, SpearError):
+                    raise
+                raise InstanceError(
+                    f"instance {instance.instance_id} could not start: {describe(exc)}"
+                ) from exc
+            raise
+        finally:
+            task.starting -= 1
+            self._wake(task)
+        instance.move(InstanceStatus.READY)
+        instance.health = Health.HEALTHY
+        task.instances.append(instance)
+        self.events.emit(
+            "instance_started",
+            started,
+            artifact_id=task.artifact.artifact_id,
+            task_id=task.task_id,
+            instance_id=instance.instance_id,
+            detail=instance.channel_type,
+        )
+        logger.info(
+            "started instance %s of %s in %.1f ms",
+            instance.instance_id,
+            task.name,
+            (time.perf_counter() - started) * 1e3,
+        )
+        return instance
+
+    def _instance_lost(self, instance: TaskInstance, reason: str) -> None:
+        """An instance died or broke on its own: take it out of service."""
+        if instance.status in (
+            InstanceStatus.STOPPING,
+            InstanceStatus.STOPPED,
+            InstanceStatus.FAILED,
+        ):
+            return
+        if instance.status is InstanceStatus.STARTING:
+            return  # start_instance sees the exit and reports it
+        logger.warning("instance %s lost: %s", instance.instance_id, reason)
+        instance.failure = reason
+        instance.health = Health.UNHEALTHY
+        instance.move(InstanceStatus.FAILED)
+        task = instance.task
+        if instance in task.instances:
+            task.instances.remove(instance)
+        self.events.note(
+            "instance_lost",
+            reason,
+            task_id=task.task_id,
+            instance_id=instance.instance_id,
+        )
+        self._spawn(self._finish_lost(instance))
+        self._wake(task)
+
+    async def _finish_lost(self, instance: TaskInstance) -> None:
+        await self.runtimes.get(instance.task.runtime).stop_instance(instance)
+        self.factory.release(instance.instance_id)
+        instance.move(InstanceStatus.STOPPED)
+
+    async def stop_instance(self, instance: TaskInstance, reason: str) -> None:
+        """Take an instance out of service and stop it."""
+        if instance.status in (InstanceStatus.STOPPING, InstanceStatus.STOPPED):
+            return
+        task = instance.task
+        if instance in task.instances:
+            task.instances.remove(instance)
+        instance.move(InstanceStatus.STOPPING)
+        try:
+            await self.runtimes.get(task.runtime).stop_instance(instance)
+        finally:
+            self.factory.release(instance.instance_id)
+            instance.move(InstanceStatus.STOPPED)
+            self.events.note(
+                "instance_stopped",
+                reason,
+                task_id=task.task_id,
+                instance_id=instance.instance_id,
+            )
+            self._wake(task)
+
+    async def scale(self, name: str, count: int) -> None:
+        """Start or stop instances until ``name`` has ``count`` ready ones."""
+        task = self.function(name)
+        if count < 0 or count > task.settings.max_instances:
+            raise ConfigurationError(
+                f"scale {name!r} to between 0 and {task.settings.max_instances}"
+            )
+        while len(task.instances) + task.starting < count:
+            await self._create_instance(task)
+        idle = [i for i in task.instances if i.metrics.active == 0]
+        while len(task.instances) > count and idle:
+            await self.stop_instance(idle.pop(), "scaled down")
+
+    # -- maintenance ---------------------------------------------------------------
+
+    def _ensure_maintenance(self) -> None:
+        if self._maintenance is None or self._maintenance.done():
+            self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def _maintain(self) -> None:
+        """Stop idle instances and replace unhealthy ones, periodically."""
+        config = self.config
+        while self.state is ManagerState.OPEN:
+            idle_min = min(t.settings.idle_timeout for t in self.tasks.values())
+            period = max(0.05, min(config.health_check_interval, idle_min / 2))
+            await asyncio.sleep(period)
+            try:
+                await self.check_instances()
+            except Exception:
+                logger.exception("instance maintenance failed")
+
+    async def check_instances(self) -> None:
+        """One round of idle stops and health checks."""
+        for task in list(self.tasks.values()):
+            settings = task.settings
+            runtime = self.runtimes.get(task.runtime)
+            for instance in list(task.instances):
+                if instance.status is not InstanceStatus.READY:
+                    continue
+                if (
+                    instance.metrics.active == 0
+                    and instance.idle_for >= settings.idle_timeout
+                    and len(task.instances) > settings.min_instances
+                ):
+                    await self.stop_instance(instance, "idle timeout")
+                    continue
+                if await runtime.health_check(instance):
+                    instance.health_failures = 0
+                    instance.health = Health.HEALTHY
+                    continue
+                instance.health_failures += 1
+                instance.health = Health.UNHEALTHY
+                if instance.health_failures >= self.config.health_check_failures:
+                    await self.stop_instance(instance, "failed its health checks")
+
+    # -- lookups -------------------------------------------------------------------
+
+    def function(self, name: str) -> Task:
+        task = self.functions.get(name)
+        if task is None:
+            raise FunctionNotFound(f"no function named {name!r} is registered")
+        return task
+
+    def _check_open(self) -> None:
+        if self.state is not ManagerState.OPEN:
+            raise SessionClosed("The session is closed; create a new one.")
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- close -----------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Fail calls in flight with SessionClosed and stop every instance."""
+        if self.state is not ManagerState.OPEN:
+            return
+        self.state = ManagerState.CLOSING
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        for running in list(self._running):
+            running.cancel()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.cancel()
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=self.config.stop_grace * 2)
+        instances = [
+            i
+            for i in self.instances.values()
+            if i.status not in (InstanceStatus.STOPPED, InstanceStatus.STOPPING)
+        ]
+        await asyncio.gather(
+            *(self.stop_instance(i, "session closed") for i in instances),
+            return_exceptions=True,
+        )
+        if self._background:
+            await asyncio.wait(
+                list(self._background), timeout=self.config.stop_grace * 3
+            )
+        self.state = ManagerState.CLOSED

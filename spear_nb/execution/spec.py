@@ -1,0 +1,190 @@
+"""Turn the arguments of ``Session.register`` into an artifact spec and settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import cloudpickle
+
+from spear_nb.errors import InvalidSpec
+from spear_nb.execution.model import (
+    ArtifactKind,
+    ArtifactSpec,
+    QueuePolicy,
+    RuntimeType,
+    TaskSettings,
+)
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,62}$")
+CHANNEL_TYPES = ("unix", "tcp", "grpc", "memory")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidSpec(
+            f"{name!r} is not a usable function name: use letters, digits, '_', '-' "
+            "or '.', starting with a letter or '_', at most 63 characters"
+        )
+    return name
+
+
+def name_of(fn: Callable[..., Any]) -> str:
+    """A registration name for a callable invoked directly."""
+    raw = getattr(fn, "__name__", "") or type(fn).__name__
+    cleaned = re.sub(r"[^A-Za-z0-9_.\-]", "", raw) or "function"
+    if not cleaned[0].isalpha() and cleaned[0] != "_":
+        cleaned = f"fn_{cleaned}"
+    return cleaned[:63]
+
+
+def build_spec(
+    fn: Callable[..., Any] | None = None,
+    *,
+    command: str | Sequence[str] | None = None,
+    handler: str | None = None,
+    script: str | os.PathLike[str] | None = None,
+    wasm: str | bytes | os.PathLike[str] | None = None,
+    image: str | None = None,
+    runtime: str | None = None,
+    channel: str | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> ArtifactSpec:
+    """Validate what the user gave and build the artifact spec."""
+    given = {
+        "a callable": fn is not None,
+        "command=": command is not None,
+        "handler=": handler is not None,
+        "script=": script is not None,
+        "wasm=": wasm is not None,
+    }
+    chosen = [k for k, v in given.items() if v]
+    if len(chosen) != 1 and not (image is not None and len(chosen) <= 1):
+        raise InvalidSpec(
+            "register needs exactly one of: a callable, command=, handler=, script= "
+            f"or wasm= (got {', '.join(chosen) if chosen else 'none'})"
+        )
+    env_items = _env(env)
+    cwd_text = os.fspath(cwd) if cwd is not None else ""
+    if channel is not None and channel not in CHANNEL_TYPES:
+        raise InvalidSpec(
+            f"unknown channel type {channel!r}; use one of {', '.join(CHANNEL_TYPES)}"
+        )
+    runtime_type = _runtime(runtime, wasm is not None, image is not None)
+    common: dict[str, Any] = {
+        "runtime": runtime_type,
+        "env": env_items,
+        "cwd": cwd_text,
+        "channel": channel or "",
+        "options": tuple(sorted((options or {}).items())),
+    }
+    if fn is not None:
+        if not callable(fn):
+            raise InvalidSpec(
+                f"{fn!r} is not callable; pass a function, or command=[...] for a "
+                "program"
+            )
+        return ArtifactSpec(
+            kind=ArtifactKind.CALLABLE, code=pickle_callable(fn), **common
+        )
+    if command is not None:
+        argv = shlex.split(command) if isinstance(command, str) else list(command)
+        if not argv or not all(isinstance(a, str) and a for a in argv):
+            raise InvalidSpec(
+                f"command must be a non-empty list of strings, got {command!r}"
+            )
+        return ArtifactSpec(kind=ArtifactKind.COMMAND, command=tuple(argv), **common)
+    if handler is not None:
+        if not isinstance(handler, str) or ":" not in handler:
+            raise InvalidSpec(
+                f"handler must be 'package.module:function', got {handler!r}"
+            )
+        return ArtifactSpec(kind=ArtifactKind.HANDLER, target=handler, **common)
+    if script is not None:
+        path = os.path.abspath(os.fspath(script))
+        if not os.path.isfile(path):
+            raise InvalidSpec(f"the script {path!r} does not exist")
+        return ArtifactSpec(kind=ArtifactKind.SCRIPT, target=path, **common)
+    if wasm is not None:
+        return ArtifactSpec(kind=ArtifactKind.WASM, code=_wasm_bytes(wasm), **common)
+    assert image is not None
+    return ArtifactSpec(kind=ArtifactKind.IMAGE, target=image, **common)
+
+
+def pickle_callable(fn: Callable[..., Any]) -> bytes:
+    """cloudpickle a callable, explaining what to do when that is impossible."""
+    try:
+        return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise InvalidSpec(
+            f"{getattr(fn, '__name__', fn)!r} cannot be sent to an instance because "
+            f"it cannot be pickled ({type(exc).__name__}: {exc}); it probably "
+            "captures an open file, lock, socket or similar. Create such objects "
+            "inside the function instead"
+        ) from exc
+
+
+def _env(env: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
+    if env is None:
+        return ()
+    items = []
+    for key, value in env.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise InvalidSpec(
+                f"env must map strings to strings, got {key!r}: {value!r}"
+            )
+        items.append((key, value))
+    return tuple(sorted(items))
+
+
+def _runtime(runtime: str | None, is_wasm: bool, is_image: bool) -> RuntimeType:
+    if runtime is None:
+        if is_wasm:
+            return RuntimeType.WASM
+        if is_image:
+            return RuntimeType.KUBERNETES
+        return RuntimeType.PROCESS
+    try:
+        return RuntimeType(runtime)
+    except ValueError:
+        raise InvalidSpec(
+            f"unknown runtime {runtime!r}; use 'process', 'wasm' or 'kubernetes'"
+        ) from None
+
+
+def _wasm_bytes(wasm: str | bytes | os.PathLike[str]) -> bytes:
+    if isinstance(wasm, bytes):
+        return wasm
+    text = os.fspath(wasm)
+    if isinstance(text, str) and text.lstrip().startswith("("):
+        return text.encode()  # WAT given inline
+    try:
+        with open(text, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise InvalidSpec(f"cannot read the WASM module {text!r}: {exc}") from exc
+
+
+def build_settings(defaults: TaskSettings, **overrides: Any) -> TaskSettings:
+    """The task settings: session defaults with the function's own overrides."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "queue_policy" in given:
+        try:
+            given["queue_policy"] = QueuePolicy(given["queue_policy"])
+        except ValueError:
+            raise InvalidSpec(
+                f"queue_policy must be 'wait' or 'reject', got {given['queue_policy']!r}"
+            ) from None
+    for key in ("timeout", "idle_timeout", "start_timeout"):
+        if key in given and not given[key] > 0:
+            raise InvalidSpec(f"{key} must be a positive number of seconds")
+    for key in ("max_instances", "max_concurrency"):
+        if key in given and (not isinstance(given[key], int) or given[key] < 1):
+            raise InvalidSpec(f"{key} must be a positive integer, got {given[key]!r}")
+    return dataclasses.replace(defaults, **given)

@@ -1,0 +1,137 @@
+"""Rich display: HTML from templates that follow JupyterLab's theme variables."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import jinja2
+
+from spear_nb.errors import FunctionNotFound
+from spear_nb.execution.manager import TaskExecutionManager
+
+if TYPE_CHECKING:
+    from spear_nb.session import Session
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("spear_nb.notebook", "templates"),
+    autoescape=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def escape(text: str) -> str:
+    return f"<pre>{html.escape(text)}</pre>"
+
+
+def render(template: str, **values: Any) -> str:
+    return _env.get_template(template).render(**values)
+
+
+class Inspection(Mapping[str, Any]):
+    """Details of one object of the session, shown as a table in notebooks."""
+
+    def __init__(self, kind: str, key: str, details: dict[str, Any]) -> None:
+        self.kind = kind
+        self.key = key
+        self._details = details
+
+    def __getitem__(self, name: str) -> Any:
+        return self._details[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._details)
+
+    def __len__(self) -> int:
+        return len(self._details)
+
+    def __repr__(self) -> str:
+        lines = [f"{self.kind} {self.key}"]
+        for name, value in self._details.items():
+            text = str(value)
+            if "\n" in text:
+                text = "\n    " + text.rstrip().replace("\n", "\n    ")
+            lines.append(f"  {name}: {text}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return render(
+            "inspection.html.j2", kind=self.kind, key=self.key, details=self._details
+        )
+
+
+def inspect(manager: TaskExecutionManager, key: str) -> Inspection:
+    """Find ``key`` among functions, tasks, instances and executions."""
+    if key in manager.functions or key in manager.tasks:
+        task = manager.functions.get(key) or manager.tasks[key]
+        spec = task.artifact.spec
+        details: dict[str, Any] = {
+            "function": task.name,
+            "task_id": task.task_id,
+            "artifact_id": task.artifact.artifact_id,
+            "runtime": spec.runtime.value,
+            "kind": spec.kind.value,
+            "channel": spec.channel or "(runtime default)",
+            "instances": [i.instance_id for i in task.instances],
+        }
+        if spec.command:
+            details["command"] = list(spec.command)
+        if spec.target:
+            details["target"] = spec.target
+        details.update({f"setting.{k}": v for k, v in vars(task.settings).items()})
+        details.update(task.metrics.as_row())
+        return Inspection("function", task.name, details)
+    instance = manager.instances.get(key)
+    if instance is not None:
+        runtime = manager.runtimes.get(instance.task.runtime)
+        details = {
+            "instance_id": instance.instance_id,
+            "task_id": instance.task.task_id,
+            "runtime": instance.task.runtime.value,
+            "status": instance.status.value,
+            "health": instance.health.value,
+            "channel": instance.channel_type,
+            "failure": instance.failure,
+        }
+        details.update(instance.metrics.as_row())
+        details.update(runtime.inspect_instance(instance))
+        return Inspection("instance", key, details)
+    for execution in manager.executions:
+        if execution.execution_id == key:
+            details = execution.as_row()
+            details["phases"] = [
+                f"{e.phase}: {e.duration * 1e3:.3f} ms {e.detail}".rstrip()
+                for e in manager.events
+                if e.execution_id == key
+            ]
+            return Inspection("execution", key, details)
+    raise FunctionNotFound(
+        f"nothing named {key!r} in this session: it is not a function, task, "
+        "instance or execution id"
+    )
+
+
+def session_html(session: Session, manager: TaskExecutionManager) -> str:
+    live = [i for i in manager.instances.values() if i.status.value == "ready"]
+    return render(
+        "session.html.j2",
+        session_id=session.session_id,
+        state=session.state.value,
+        functions=[
+            {
+                "name": name,
+                "kind": task.artifact.spec.kind.value,
+                "runtime": task.runtime.value,
+                "instances": len(task.instances),
+                "calls": task.metrics.total,
+                "failed": task.metrics.failed,
+            }
+            for name, task in sorted(manager.functions.items())
+        ],
+        live=len(live),
+        executions=len(manager.executions),
+        now=time.strftime("%H:%M:%S"),
+    )

@@ -1,0 +1,234 @@
+"""The session's state as pandas DataFrames with stable columns.
+
+The column lists below are part of the public API: notebooks and users select
+columns by these names. Times are ``pandas.Timestamp`` (UTC), durations in ms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pandas as pd
+
+from spear_nb.communication.channel import percentile
+from spear_nb.execution.manager import TaskExecutionManager
+
+INSTANCE_COLUMNS = [
+    "instance_id",
+    "function",
+    "task_id",
+    "runtime",
+    "status",
+    "health",
+    "channel",
+    "pid",
+    "active",
+    "capacity",
+    "requests_total",
+    "requests_ok",
+    "requests_failed",
+    "latency_mean_ms",
+    "latency_p99_ms",
+    "created_at",
+    "ready_at",
+    "last_request_at",
+    "stopped_at",
+    "failure",
+]
+TASK_COLUMNS = [
+    "task_id",
+    "function",
+    "artifact_id",
+    "runtime",
+    "kind",
+    "status",
+    "instances",
+    "max_instances",
+    "max_concurrency",
+    "timeout_s",
+    "requests_total",
+    "requests_ok",
+    "requests_failed",
+    "requests_active",
+    "latency_mean_ms",
+    "latency_p99_ms",
+    "created_at",
+]
+CHANNEL_COLUMNS = [
+    "channel_id",
+    "instance_id",
+    "type",
+    "state",
+    "address",
+    "messages_sent",
+    "messages_received",
+    "bytes_sent",
+    "bytes_received",
+    "errors",
+    "auth_failures",
+    "in_flight",
+    "rtt_mean_ms",
+    "rtt_p99_ms",
+    "connected_at",
+    "last_activity",
+    "fallback_from",
+]
+METRIC_COLUMNS = [
+    "function",
+    "calls",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "timed_out",
+    "new_instances",
+    "p50_ms",
+    "p99_ms",
+    "mean_ms",
+    "max_ms",
+]
+EVENT_COLUMNS = [
+    "seq",
+    "time",
+    "phase",
+    "duration_ms",
+    "execution_id",
+    "artifact_id",
+    "task_id",
+    "instance_id",
+    "detail",
+]
+EXECUTION_COLUMNS = [
+    "execution_id",
+    "function",
+    "mode",
+    "status",
+    "task_id",
+    "instance_id",
+    "new_instance",
+    "submitted_at",
+    "duration_ms",
+    "error",
+]
+
+_TIME_COLUMNS = (
+    "created_at",
+    "ready_at",
+    "last_request_at",
+    "stopped_at",
+    "connected_at",
+    "last_activity",
+    "time",
+    "submitted_at",
+)
+
+
+def frame(rows: Iterable[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
+    """A DataFrame with exactly ``columns``, times converted to timestamps."""
+    df = pd.DataFrame(list(rows), columns=columns)
+    for column in _TIME_COLUMNS:
+        if column in df.columns:
+            df[column] = pd.to_datetime(df[column], unit="s", utc=True)
+    return df
+
+
+def instances(manager: TaskExecutionManager) -> pd.DataFrame:
+    rows = []
+    for instance in manager.instances.values():
+        task = instance.task
+        runtime = manager.runtimes.get(task.runtime)
+        row = {
+            "instance_id": instance.instance_id,
+            "function": task.name,
+            "task_id": task.task_id,
+            "runtime": task.runtime.value,
+            "status": instance.status.value,
+            "health": instance.health.value,
+            "channel": instance.channel_type,
+            "active": instance.metrics.active,
+            "capacity": instance.capacity,
+            "created_at": instance.created_at,
+            "ready_at": instance.ready_at,
+            "stopped_at": instance.stopped_at,
+            "failure": instance.failure,
+        }
+        metrics = instance.metrics.as_row()
+        row.update(
+            {
+                "requests_total": metrics["requests_total"],
+                "requests_ok": metrics["requests_ok"],
+                "requests_failed": metrics["requests_failed"],
+                "latency_mean_ms": metrics["latency_mean_ms"],
+                "latency_p99_ms": metrics["latency_p99_ms"],
+                "last_request_at": metrics["last_request_at"],
+            }
+        )
+        row.update(runtime.describe_instance(instance))
+        rows.append(row)
+    return frame(rows, INSTANCE_COLUMNS)
+
+
+def tasks(manager: TaskExecutionManager) -> pd.DataFrame:
+    rows = []
+    for task in manager.tasks.values():
+        settings = task.settings
+        row = {
+            "task_id": task.task_id,
+            "function": task.name,
+            "artifact_id": task.artifact.artifact_id,
+            "runtime": task.runtime.value,
+            "kind": task.artifact.spec.kind.value,
+            "status": task.status.value,
+            "instances": len(task.instances),
+            "max_instances": settings.max_instances,
+            "max_concurrency": settings.max_concurrency,
+            "timeout_s": settings.timeout,
+            "created_at": task.created_at,
+        }
+        row.update(task.metrics.as_row())
+        rows.append(row)
+    return frame(rows, TASK_COLUMNS)
+
+
+def channels(manager: TaskExecutionManager) -> pd.DataFrame:
+    factory = manager.factory
+    rows = []
+    for channel in factory.channels():
+        row = channel.describe()
+        row["auth_failures"] += factory.auth_failures_for(channel.instance_id)
+        rows.append(row)
+    return frame(rows, CHANNEL_COLUMNS)
+
+
+def metrics(manager: TaskExecutionManager) -> pd.DataFrame:
+    grouped: dict[str, list[Any]] = {}
+    for execution in manager.executions:
+        grouped.setdefault(execution.function, []).append(execution)
+    rows = []
+    for function, records in grouped.items():
+        durations = [r.duration * 1e3 for r in records if r.duration is not None]
+        statuses = [r.status.value for r in records]
+        rows.append(
+            {
+                "function": function,
+                "calls": len(records),
+                "succeeded": statuses.count("succeeded"),
+                "failed": statuses.count("failed"),
+                "cancelled": statuses.count("cancelled"),
+                "timed_out": statuses.count("timed_out"),
+                "new_instances": sum(1 for r in records if r.new_instance),
+                "p50_ms": percentile(durations, 0.5),
+                "p99_ms": percentile(durations, 0.99),
+                "mean_ms": sum(durations) / len(durations) if durations else None,
+                "max_ms": max(durations) if durations else None,
+            }
+        )
+    return frame(rows, METRIC_COLUMNS)
+
+
+def events(manager: TaskExecutionManager) -> pd.DataFrame:
+    return frame((e.as_row() for e in manager.events), EVENT_COLUMNS)
+
+
+def executions(manager: TaskExecutionManager) -> pd.DataFrame:
+    return frame((e.as_row() for e in manager.executions), EXECUTION_COLUMNS)

@@ -1,0 +1,543 @@
+"""The process runtime: each instance is a local OS process.
+
+Python callables, handlers and scripts run in a long-lived agent process that dials
+the host's channel and serves many calls. Commands run as one process per call, fed
+the payload on stdin; their instance is a warm slot that limits how many run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import cloudpickle
+import msgpack
+
+from spear_nb.communication.channel import Channel, remote_error
+from spear_nb.communication.protocol import Message, MessageType
+from spear_nb.errors import (
+    ChannelError,
+    CommandFailed,
+    ExecutionCancelled,
+    ExecutionTimeout,
+    InstanceCrashed,
+    InstanceStartFailed,
+    InvalidSpec,
+    PayloadTooLarge,
+    SpearError,
+)
+from spear_nb.execution.model import (
+    ArtifactKind,
+    ArtifactSpec,
+    Execution,
+    ExecutionMode,
+    InvokeFunctionRequest,
+    RuntimeType,
+    TaskInstance,
+)
+from spear_nb.runtime.base import Runtime
+
+logger = logging.getLogger(__name__)
+
+STDERR_TAIL = 2000
+
+
+@dataclasses.dataclass(eq=False)
+class ProcessHandle:
+    """The OS side of an agent instance."""
+
+    process: subprocess.Popen[bytes]
+    log_path: str
+    exited: asyncio.Future[int]
+    pidfd: int = -1
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+@dataclasses.dataclass(eq=False)
+class CommandHandle:
+    """A command instance: the processes of the calls running now."""
+
+    running: set[asyncio.subprocess.Process] = dataclasses.field(default_factory=set)
+    launched: int = 0
+
+
+def dumps_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle call arguments, with cloudpickle for what plain pickle refuses."""
+    try:
+        return pickle.dumps((args, kwargs), protocol=5)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        try:
+            return cloudpickle.dumps((args, kwargs), protocol=5)  # type: ignore[no-any-return]
+        except Exception as exc:
+            raise InvalidSpec(
+                f"the arguments cannot be pickled to send to the instance: {exc}"
+            ) from exc
+
+
+def read_tail(path: str, limit: int = STDERR_TAIL) -> str:
+    """The last ``limit`` characters of a log file, or '' if there is none."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ProcessRuntime(Runtime):
+    """Runs instances as local processes."""
+
+    type = RuntimeType.PROCESS
+
+    # -- registration ------------------------------------------------------------
+
+    def validate(self, spec: ArtifactSpec) -> None:
+        if spec.kind is ArtifactKind.COMMAND:
+            if not spec.command:
+                raise InvalidSpec("a command needs at least the program to run")
+            if spec.channel:
+                raise InvalidSpec(
+                    "a command reads stdin and writes stdout; it takes no channel type"
+                )
+            return
+        if spec.kind is ArtifactKind.SCRIPT and not os.path.isfile(spec.target):
+            raise InvalidSpec(f"the script {spec.target!r} does not exist")
+        if spec.kind is ArtifactKind.HANDLER and ":" not in spec.target:
+            raise InvalidSpec(
+                f"a handler is 'package.module:function', got {spec.target!r}"
+            )
+        if spec.kind not in (
+            ArtifactKind.CALLABLE,
+            ArtifactKind.HANDLER,
+            ArtifactKind.SCRIPT,
+        ):
+            raise InvalidSpec(f"the process runtime cannot run a {spec.kind.value}")
+        if spec.channel and spec.channel not in ("unix", "tcp"):
+            raise InvalidSpec(
+                f"the process runtime cannot use a {spec.channel!r} channel yet; "
+                "use 'unix' or 'tcp'"
+            )
+
+    def uses_channel(self, instance: TaskInstance) -> bool:
+        return instance.task.artifact.spec.kind is not ArtifactKind.COMMAND
+
+    # -- start -------------------------------------------------------------------
+
+    async def start_instance(self, instance: TaskInstance) -> None:
+        spec = instance.task.artifact.spec
+        if spec.kind is ArtifactKind.COMMAND:
+            instance.handle = CommandHandle()
+            instance.channel_type = "stdio"
+            return
+        ctx = self.context
+        factory = ctx.factory
+        types = factory.strategy("process", spec.channel)
+        env = await factory.listen_for(
+            instance.instance_id, instance.secret, self._bootstrap(spec), types
+        )
+        instance.channel_type = env["SPEAR_CHANNEL"]
+        handle = self._spawn(instance, spec, env)
+        instance.handle = handle
+        timeout = instance.task.settings.start_timeout
+        try:
+            channel = await factory.wait_connected(
+                instance.instance_id,
+                timeout,
+                handle.exited,  # type: ignore[arg-type]
+            )
+            waiters: set[asyncio.Future[Any]] = {channel.expect_ready(), handle.exited}
+            done, _ = await asyncio.wait(
+                waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            ready = channel.expect_ready()
+            if ready in done:
+                ready.result()
+            elif not done:
+                raise InstanceStartFailed(
+                    f"instance {instance.instance_id} did not load its function "
+                    f"within {timeout:g} s"
+                )
+            else:
+                raise InstanceStartFailed(
+                    f"instance {instance.instance_id} exited before it was ready"
+                )
+        except SpearError as exc:
+            await self.stop_instance(instance)
+            raise self._start_failure(instance, exc) from exc
+
+    def _bootstrap(self, spec: ArtifactSpec) -> bytes:
+        if spec.kind is ArtifactKind.CALLABLE:
+            body: dict[str, Any] = {"kind": "callable", "code": spec.code}
+        elif spec.kind is ArtifactKind.HANDLER:
+            body = {"kind": "handler", "target": spec.target}
+        else:
+            body = {"kind": "script"}
+        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+
+    def _spawn(
+        self, instance: TaskInstance, spec: ArtifactSpec, channel_env: dict[str, str]
+    ) -> ProcessHandle:
+        ctx = self.context
+        python = ctx.config.python or sys.executable
+        if spec.kind is ArtifactKind.SCRIPT:
+            argv = [python, spec.target]
+        else:
+            argv = [python, "-m", "spear_nb.agent"]
+        env = dict(os.environ)
+        env.update(dict(spec.env))
+        env.update(channel_env)
+        env.update(
+            {
+                "SPEAR_INSTANCE_ID": instance.instance_id,
+                "SPEAR_SECRET": instance.secret,
+                "SPEAR_MAX_FRAME": str(ctx.config.max_frame_size),
+                "SPEAR_HOST_PID": str(os.getpid()),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        # The agent must import the same spear_nb as the host, and user handlers
+        # must import from the notebook's directory.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cwd = spec.cwd or os.getcwd()
+        extra = [package_root, cwd]
+        if env.get("PYTHONPATH"):
+            extra.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(extra)
+        log_path = os.path.join(ctx.workdir, f"{instance.instance_id}.log")
+        with open(log_path, "ab") as log:
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise InstanceStartFailed(
+                    f"cannot start {argv[0]} for instance {instance.instance_id}: {exc}"
+                ) from exc
+        ctx.watchdog.tell(f"pgid {process.pid}")
+        loop = asyncio.get_running_loop()
+        handle = ProcessHandle(process, log_path, loop.create_future())
+        self._watch_exit(instance, handle)
+        ctx.events.note(
+            "process_spawned",
+            f"pid {process.pid}",
+            instance_id=instance.instance_id,
+            task_id=instance.task.task_id,
+        )
+        return handle
+
+    def _watch_exit(self, instance: TaskInstance, handle: ProcessHandle) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            handle.pidfd = os.pidfd_open(handle.pid)
+        except (AttributeError, OSError):
+            loop.run_in_executor(None, handle.process.wait).add_done_callback(
+                lambda _: self._exited(instance, handle)
+            )
+            return
+        loop.add_reader(handle.pidfd, self._exited, instance, handle)
+
+    def _exited(self, instance: TaskInstance, handle: ProcessHandle) -> None:
+        if handle.pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(handle.pidfd)
+            os.close(handle.pidfd)
+            handle.pidfd = -1
+        code = handle.process.wait()
+        self.context.watchdog.tell(f"forget {handle.pid}")
+        if not handle.exited.done():
+            handle.exited.set_result(code)
+        reason = f"process {handle.pid} {describe_exit(code)}"
+        self.context.on_instance_lost(instance, reason)
+
+    def _start_failure(self, instance: TaskInstance, exc: SpearError) -> SpearError:
+        handle = instance.handle
+        detail = str(exc)
+        if isinstance(handle, ProcessHandle):
+            if handle.exited.done():
+                detail += f"; the process {describe_exit(handle.exited.result())}"
+            tail = read_tail(handle.log_path)
+            if tail.strip():
+                detail += f"\n--- its output ends with ---\n{tail.rstrip()}"
+        if isinstance(exc, InstanceStartFailed):
+            exc.args = (detail,)
+            return exc
+        return InstanceStartFailed(
+            f"instance {instance.instance_id} could not start: {detail}"
+        )
+
+    # -- execute -------------------------------------------------------------------
+
+    async def execute(
+        self,
+        instance: TaskInstance,
+        channel: Channel | None,
+        request: InvokeFunctionRequest,
+        execution: Execution,
+        timeout: float,
+    ) -> Any:
+        if isinstance(instance.handle, CommandHandle):
+            return await self._run_command(instance, request, timeout)
+        assert channel is not None
+        stream = request.mode is ExecutionMode.STREAM
+        message = Message(
+            MessageType.EXECUTE_REQUEST,
+            0,
+            dumps_arguments(request.args, request.kwargs),
+            {"mode": "stream"} if stream else None,
+        )
+        on_chunk = request.on_chunk
+        on_stream = None
+        if stream and on_chunk is not None:
+            on_stream = lambda m: on_chunk(pickle.loads(m.payload))  # noqa: E731
+        future = channel.start_request(message, on_stream)
+        rid = message.request_id
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(timeout, _expire, future, instance, timeout)
+        try:
+            reply = await future
+        except asyncio.CancelledError:
+            await self._cancel_remote(instance, channel, rid, future)
+            raise
+        except ExecutionTimeout:
+            await self._cancel_remote(instance, channel, rid, future)
+            raise
+        except ChannelError as exc:
+            raise await self._lost_during_call(instance, exc) from exc
+        finally:
+            timer.cancel()
+            channel.forget(rid)
+        return _result(reply, instance)
+
+    async def _cancel_remote(
+        self,
+        instance: TaskInstance,
+        channel: Channel,
+        rid: int,
+        future: asyncio.Future[Message],
+    ) -> None:
+        """Interrupt a running call and wait for the instance to confirm."""
+        handle = instance.handle
+        assert isinstance(handle, ProcessHandle)
+        if not channel.connected or handle.exited.done():
+            return
+        with contextlib.suppress(ChannelError):
+            channel.send(Message(MessageType.SIGNAL, rid, b"", {"signal": "cancel"}))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGUSR1)
+        # A fresh future: the one the timer expired is already done.
+        confirm: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        channel.forget(rid)
+        channel._pending[rid] = confirm
+        grace = self.context.config.stop_grace
+        try:
+            await asyncio.wait_for(asyncio.shield(confirm), grace)
+        except (asyncio.TimeoutError, ChannelError, asyncio.CancelledError):
+            logger.warning(
+                "instance %s did not stop a cancelled call within %g s; killing it",
+                instance.instance_id,
+                grace,
+            )
+            self._kill(handle)
+        finally:
+            channel.forget(rid)
+
+    async def _lost_during_call(
+        self, instance: TaskInstance, exc: ChannelError
+    ) -> SpearError:
+        handle = instance.handle
+        assert isinstance(handle, ProcessHandle)
+        # The socket usually breaks a moment before the exit is reaped.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(handle.exited), 2.0)
+        if handle.exited.done():
+            how = describe_exit(handle.exited.result())
+            tail = read_tail(handle.log_path, 500).rstrip()
+            text = f"instance {instance.instance_id} (pid {handle.pid}) {how} "
+            text += "during the call; the next call gets a new instance"
+            if tail:
+                text += f"\n--- its output ends with ---\n{tail}"
+            return InstanceCrashed(text)
+        return exc
+
+    async def _run_command(
+        self, instance: TaskInstance, request: InvokeFunctionRequest, timeout: float
+    ) -> bytes:
+        handle = instance.handle
+        assert isinstance(handle, CommandHandle)
+        spec = instance.task.artifact.spec
+        payload = request.payload if request.payload is not None else b""
+        env = dict(os.environ)
+        env.update(dict(spec.env))
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *spec.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                cwd=spec.cwd or None,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise CommandFailed(
+                f"cannot run {list(spec.command)!r}: {exc.strerror or exc}", -1, ""
+            ) from exc
+        handle.launched += 1
+        handle.running.add(process)
+        self.context.watchdog.tell(f"pgid {process.pid}")
+        try:
+            stdout, stderr = await asyncio.wait_for(
+                process.communicate(payload), timeout
+            )
+        except asyncio.TimeoutError:
+            _kill_group(process.pid)
+            await process.wait()
+            raise ExecutionTimeout(
+                f"the command {list(spec.command)!r} ran past its timeout of "
+                f"{timeout:g} s and was killed"
+            ) from None
+        except asyncio.CancelledError:
+            _kill_group(process.pid)
+            await process.wait()
+            raise
+        finally:
+            handle.running.discard(process)
+            self.context.watchdog.tell(f"forget {process.pid}")
+        code = process.returncode
+        assert code is not None
+        if len(stdout) > self.context.config.max_frame_size:
+            raise PayloadTooLarge(
+                f"the command wrote {len(stdout)} bytes, more than the maximum "
+                f"frame size of {self.context.config.max_frame_size}"
+            )
+        if code != 0:
+            tail = stderr[-STDERR_TAIL:].decode("utf-8", "replace").rstrip()
+            raise CommandFailed(
+                f"the command {list(spec.command)!r} {describe_exit(code)}"
+                + (f"; stderr ends with:\n{tail}" if tail else " and wrote no stderr"),
+                code,
+                tail,
+            )
+        return stdout
+
+    # -- stop and health -----------------------------------------------------------
+
+    async def stop_instance(self, instance: TaskInstance) -> None:
+        handle = instance.handle
+        factory = self.context.factory
+        if isinstance(handle, CommandHandle):
+            for process in list(handle.running):
+                _kill_group(process.pid)
+            return
+        if not isinstance(handle, ProcessHandle):
+            factory.release(instance.instance_id)
+            return
+        channel = factory.pooled(instance.instance_id)
+        if channel is not None and channel.connected and not handle.exited.done():
+            with contextlib.suppress(ChannelError):
+                channel.send(Message(MessageType.CLOSE, 0))
+        factory.release(instance.instance_id)
+        grace = self.context.config.stop_grace
+        if not await _wait_exit(handle, grace):
+            _kill_group(handle.pid, signal.SIGTERM)
+            if not await _wait_exit(handle, grace):
+                self._kill(handle)
+                await _wait_exit(handle, grace)
+
+    def _kill(self, handle: ProcessHandle) -> None:
+        _kill_group(handle.pid)
+
+    async def health_check(self, instance: TaskInstance) -> bool:
+        handle = instance.handle
+        if isinstance(handle, CommandHandle):
+            return True
+        if not isinstance(handle, ProcessHandle) or handle.exited.done():
+            return False
+        channel = self.context.factory.pooled(instance.instance_id)
+        return channel is not None and channel.connected
+
+    # -- display -----------------------------------------------------------------
+
+    def describe_instance(self, instance: TaskInstance) -> dict[str, Any]:
+        handle = instance.handle
+        if isinstance(handle, ProcessHandle):
+            return {"pid": handle.pid}
+        if isinstance(handle, CommandHandle):
+            running = [p.pid for p in handle.running]
+            return {"pid": running[0] if running else None}
+        return {"pid": None}
+
+    def inspect_instance(self, instance: TaskInstance) -> dict[str, Any]:
+        info = self.describe_instance(instance)
+        handle = instance.handle
+        if isinstance(handle, ProcessHandle):
+            info["log_path"] = handle.log_path
+            info["log_tail"] = read_tail(handle.log_path)
+            if handle.exited.done():
+                info["exit"] = describe_exit(handle.exited.result())
+        elif isinstance(handle, CommandHandle):
+            info["processes_launched"] = handle.launched
+        return info
+
+
+def _expire(future: asyncio.Future[Message], instance: TaskInstance, t: float) -> None:
+    if not future.done():
+        future.set_exception(
+            ExecutionTimeout(
+                f"the call on instance {instance.instance_id} ran past its timeout "
+                f"of {t:g} s and was cancelled"
+            )
+        )
+
+
+def _result(reply: Message, instance: TaskInstance) -> Any:
+    status = reply.header("status")
+    if status == "ok":
+        return pickle.loads(reply.payload)
+    if status == "cancelled":
+        raise ExecutionCancelled(
+            f"the call on instance {instance.instance_id} was cancelled"
+        )
+    raise remote_error(reply.payload)
+
+
+def _kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _wait_exit(handle: ProcessHandle, timeout: float) -> bool:
+    if handle.exited.done():
+        return True
+    try:
+        await asyncio.wait_for(asyncio.shield(handle.exited), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
