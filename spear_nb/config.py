@@ -33,6 +33,7 @@ class SessionConfig:
     event_log_size: int = 10_000
     execution_log_size: int = 10_000
     python: str = ""  # interpreter for process instances; "" means sys.executable
+    start_method: str = "fork"  # "fork": from a warm zygote; "spawn": a new python
 
     def __post_init__(self) -> None:
         positive = (
@@ -56,6 +57,11 @@ class SessionConfig:
             raise ConfigurationError(
                 f"SessionConfig.queue_policy must be 'wait' or 'reject', got "
                 f"{self.queue_policy!r}"
+            )
+        if self.start_method not in ("fork", "spawn"):
+            raise ConfigurationError(
+                f"SessionConfig.start_method must be 'fork' or 'spawn', got "
+                f"{self.start_method!r}"
             )
         if self.scheduler not in POLICIES:
             raise ConfigurationError(

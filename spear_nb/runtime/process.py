@@ -43,7 +43,8 @@ from spear_nb.execution.model import (
     RuntimeType,
     TaskInstance,
 )
-from spear_nb.runtime.base import Runtime
+from spear_nb.runtime.base import Runtime, RuntimeContext
+from spear_nb.runtime.zygote import Zygote
 
 logger = logging.getLogger(__name__)
 
@@ -52,16 +53,17 @@ STDERR_TAIL = 2000
 
 @dataclasses.dataclass(eq=False)
 class ProcessHandle:
-    """The OS side of an agent instance."""
+    """The OS side of an agent instance: forked by the zygote or spawned."""
 
-    process: subprocess.Popen[bytes]
+    pid: int
     log_path: str
     exited: asyncio.Future[int]
+    popen: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
+    def forked(self) -> bool:
+        return self.popen is None
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,6 +113,15 @@ class ProcessRuntime(Runtime):
 
     type = RuntimeType.PROCESS
 
+    def __init__(self, context: RuntimeContext) -> None:
+        super().__init__(context)
+        self._zygote: Zygote | None = None
+
+    async def close(self) -> None:
+        if self._zygote is not None:
+            await self._zygote.close()
+            self._zygote = None
+
     # -- registration ------------------------------------------------------------
 
     def validate(self, spec: ArtifactSpec) -> None:
@@ -139,6 +150,8 @@ class ProcessRuntime(Runtime):
                 f"the process runtime cannot use a {spec.channel!r} channel yet; "
                 "use 'unix' or 'tcp'"
             )
+        if self._can_fork(spec):
+            self._ensure_zygote()  # warm it up before the first call needs it
 
     def uses_channel(self, instance: TaskInstance) -> bool:
         return instance.task.artifact.spec.kind is not ArtifactKind.COMMAND
@@ -158,7 +171,7 @@ class ProcessRuntime(Runtime):
             instance.instance_id, instance.secret, self._bootstrap(spec), types
         )
         instance.channel_type = env["SPEAR_CHANNEL"]
-        handle = self._spawn(instance, spec, env)
+        handle = await self._spawn(instance, spec, env)
         instance.handle = handle
         timeout = instance.task.settings.start_timeout
         try:
@@ -167,7 +180,10 @@ class ProcessRuntime(Runtime):
                 timeout,
                 handle.exited,  # type: ignore[arg-type]
             )
-            waiters: set[asyncio.Future[Any]] = {channel.expect_ready(), handle.exited}
+            waiters: set[asyncio.Future[Any]] = {
+                channel.expect_ready(),
+                handle.exited,
+            }
             done, _ = await asyncio.wait(
                 waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
@@ -196,15 +212,10 @@ class ProcessRuntime(Runtime):
             body = {"kind": "script"}
         return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
 
-    def _spawn(
+    def _environment(
         self, instance: TaskInstance, spec: ArtifactSpec, channel_env: dict[str, str]
-    ) -> ProcessHandle:
-        ctx = self.context
-        python = ctx.config.python or sys.executable
-        if spec.kind is ArtifactKind.SCRIPT:
-            argv = [python, spec.target]
-        else:
-            argv = [python, "-m", "spear_nb.agent"]
+    ) -> tuple[dict[str, str], str]:
+        """The environment and working directory of an instance."""
         env = dict(os.environ)
         env.update(dict(spec.env))
         env.update(channel_env)
@@ -212,20 +223,76 @@ class ProcessRuntime(Runtime):
             {
                 "SPEAR_INSTANCE_ID": instance.instance_id,
                 "SPEAR_SECRET": instance.secret,
-                "SPEAR_MAX_FRAME": str(ctx.config.max_frame_size),
+                "SPEAR_MAX_FRAME": str(self.context.config.max_frame_size),
                 "SPEAR_HOST_PID": str(os.getpid()),
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        # The agent must import the same spear_nb as the host, and user handlers
-        # must import from the notebook's directory.
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         cwd = spec.cwd or os.getcwd()
-        extra = [package_root, cwd]
-        if env.get("PYTHONPATH"):
-            extra.append(env["PYTHONPATH"])
-        env["PYTHONPATH"] = os.pathsep.join(extra)
+        _add_python_path(env, cwd)
+        return env, cwd
+
+    def _can_fork(self, spec: ArtifactSpec) -> bool:
+        config = self.context.config
+        return (
+            config.start_method == "fork"
+            and not config.python
+            and spec.kind in (ArtifactKind.CALLABLE, ArtifactKind.HANDLER)
+            and hasattr(os, "fork")
+        )
+
+    def _ensure_zygote(self) -> Zygote:
+        zygote = self._zygote
+        if zygote is not None and zygote.alive:
+            return zygote
+        env = dict(os.environ)
+        env["SPEAR_HOST_PID"] = str(os.getpid())
+        env["PYTHONUNBUFFERED"] = "1"
+        _add_python_path(env, os.getcwd())
+        log_path = os.path.join(self.context.workdir, "zygote.log")
+        zygote = Zygote(sys.executable, env, log_path)
+        zygote.start(self.context.watchdog)
+        self._zygote = zygote
+        return zygote
+
+    async def _spawn(
+        self, instance: TaskInstance, spec: ArtifactSpec, channel_env: dict[str, str]
+    ) -> ProcessHandle:
+        ctx = self.context
+        env, cwd = self._environment(instance, spec, channel_env)
         log_path = os.path.join(ctx.workdir, f"{instance.instance_id}.log")
+        if self._can_fork(spec):
+            pid, exited = await self._ensure_zygote().fork(
+                instance.instance_id, env, cwd, log_path
+            )
+            handle = ProcessHandle(pid, log_path, exited)
+            exited.add_done_callback(lambda _: self._exited(instance, handle))
+            how = "forked"
+        else:
+            handle = self._popen(instance, spec, env, cwd, log_path)
+            how = "spawned"
+        ctx.watchdog.tell(f"pgid {handle.pid}")
+        ctx.events.note(
+            f"process_{how}",
+            f"pid {handle.pid}",
+            instance_id=instance.instance_id,
+            task_id=instance.task.task_id,
+        )
+        return handle
+
+    def _popen(
+        self,
+        instance: TaskInstance,
+        spec: ArtifactSpec,
+        env: dict[str, str],
+        cwd: str,
+        log_path: str,
+    ) -> ProcessHandle:
+        python = self.context.config.python or sys.executable
+        if spec.kind is ArtifactKind.SCRIPT:
+            argv = [python, spec.target]
+        else:
+            argv = [python, "-m", "spear_nb.agent"]
         with open(log_path, "ab") as log:
             try:
                 process = subprocess.Popen(
@@ -241,38 +308,33 @@ class ProcessRuntime(Runtime):
                 raise InstanceStartFailed(
                     f"cannot start {argv[0]} for instance {instance.instance_id}: {exc}"
                 ) from exc
-        ctx.watchdog.tell(f"pgid {process.pid}")
         loop = asyncio.get_running_loop()
-        handle = ProcessHandle(process, log_path, loop.create_future())
-        self._watch_exit(instance, handle)
-        ctx.events.note(
-            "process_spawned",
-            f"pid {process.pid}",
-            instance_id=instance.instance_id,
-            task_id=instance.task.task_id,
-        )
+        handle = ProcessHandle(process.pid, log_path, loop.create_future(), process)
+        try:
+            handle.pidfd = os.pidfd_open(process.pid)
+        except (AttributeError, OSError):
+            loop.run_in_executor(None, process.wait).add_done_callback(
+                lambda _: self._reaped(instance, handle)
+            )
+        else:
+            loop.add_reader(handle.pidfd, self._reaped, instance, handle)
         return handle
 
-    def _watch_exit(self, instance: TaskInstance, handle: ProcessHandle) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            handle.pidfd = os.pidfd_open(handle.pid)
-        except (AttributeError, OSError):
-            loop.run_in_executor(None, handle.process.wait).add_done_callback(
-                lambda _: self._exited(instance, handle)
-            )
-            return
-        loop.add_reader(handle.pidfd, self._exited, instance, handle)
-
-    def _exited(self, instance: TaskInstance, handle: ProcessHandle) -> None:
+    def _reaped(self, instance: TaskInstance, handle: ProcessHandle) -> None:
+        """A spawned process ended: collect its exit code."""
         if handle.pidfd >= 0:
             asyncio.get_running_loop().remove_reader(handle.pidfd)
             os.close(handle.pidfd)
             handle.pidfd = -1
-        code = handle.process.wait()
-        self.context.watchdog.tell(f"forget {handle.pid}")
+        assert handle.popen is not None
+        code = handle.popen.wait()
         if not handle.exited.done():
             handle.exited.set_result(code)
+        self._exited(instance, handle)
+
+    def _exited(self, instance: TaskInstance, handle: ProcessHandle) -> None:
+        self.context.watchdog.tell(f"forget {handle.pid}")
+        code = handle.exited.result()
         reason = f"process {handle.pid} {describe_exit(code)}"
         self.context.on_instance_lost(instance, reason)
 
@@ -541,3 +603,12 @@ async def _wait_exit(handle: ProcessHandle, timeout: float) -> bool:
     except asyncio.TimeoutError:
         return False
     return True
+
+
+def _add_python_path(env: dict[str, str], cwd: str) -> None:
+    """Let instances import this spear_nb and the user's modules next to ``cwd``."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parts = [package_root, cwd]
+    if env.get("PYTHONPATH"):
+        parts.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(parts)

@@ -1,0 +1,130 @@
+"""Helpers that wait on real events (sockets, the session's event log)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from spear_nb.communication.protocol import FrameDecoder, Message, unpack
+
+
+class ReadySignal:
+    """A loopback TCP listener that remote functions dial to say "I am running".
+
+    Each connection sends ``"<pid>\\n"``; :meth:`wait` returns the next pid.
+    :meth:`release` sends one byte to every connection so blocked functions return.
+    """
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._server.getsockname()[1]
+        self._conns: list[socket.socket] = []
+
+    def wait(self, timeout: float = 30.0) -> int:
+        self._server.settimeout(timeout)
+        conn, _ = self._server.accept()
+        self._conns.append(conn)
+        conn.settimeout(timeout)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(64)
+            if not chunk:
+                break
+            data += chunk
+        return int(data.strip())
+
+    def release(self) -> None:
+        for conn in self._conns:
+            try:
+                conn.sendall(b"g")
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        self._server.close()
+
+
+class EventWaiter:
+    """Wait until the session's event log holds an event matching ``predicate``.
+
+    The listener is installed on the session's loop thread, and events already in
+    the log are checked at the same time, so nothing is missed.
+    """
+
+    def __init__(self, session: Any, predicate: Callable[[Any], bool]) -> None:
+        self._predicate = predicate
+        self._event = threading.Event()
+        self.matched: list[Any] = []
+        self._unsubscribe: Callable[[], None] | None = None
+        log = session._manager.events
+        self._session = session
+
+        async def subscribe() -> None:
+            for event in log:
+                self._on_event(event)
+            self._unsubscribe = log.subscribe(self._on_event)
+
+        session._loop.run(subscribe())
+
+    def _on_event(self, event: Any) -> None:
+        if self._predicate(event):
+            self.matched.append(event)
+            self._event.set()
+
+    def wait(self, timeout: float = 30.0) -> bool:
+        return self._event.wait(timeout)
+
+    def close(self) -> None:
+        unsubscribe, self._unsubscribe = self._unsubscribe, None
+        if unsubscribe is None or not self._session._loop.alive:
+            return
+
+        async def drop() -> None:
+            unsubscribe()
+
+        self._session._loop.run(drop())
+
+    def __enter__(self) -> EventWaiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_messages(sock: socket.socket, max_frame: int = 1 << 20) -> list[Message]:
+    """Read framed messages from ``sock`` until the peer closes it."""
+    decoder = FrameDecoder(max_frame)
+    messages: list[Message] = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return messages
+        messages.extend(unpack(body) for body in decoder.feed(data))
+
+
+def all_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    """Wait for the processes to exit; return the pids still alive."""
+    procs = []
+    for pid in pids:
+        try:
+            procs.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def rows(df: Any, **where: Any) -> Any:
+    """The rows of a DataFrame whose columns equal the given values."""
+    mask = None
+    for column, value in where.items():
+        m = df[column] == value
+        mask = m if mask is None else mask & m
+    return df if mask is None else df[mask]
