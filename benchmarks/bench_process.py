@@ -15,7 +15,6 @@ Measures, on this machine and in this one run:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import concurrent.futures
 import json
 import os
@@ -169,9 +168,7 @@ def main() -> None:
     print(f"{'path':<34}{'median':>12}{'p99':>12}")
     for key, value in results.items():
         if isinstance(value, dict) and "median_us" in value:
-            print(
-                f"{key:<34}{value['median_us']:>10.0f}us{value['p99_us']:>10.0f}us"
-            )
+            print(f"{key:<34}{value['median_us']:>10.0f}us{value['p99_us']:>10.0f}us")
     print(f"agent idle RSS: {results['spear_agent_idle_rss_mib']:.1f} MiB")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f}x")

@@ -17,11 +17,16 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def main(paths: list[str]) -> None:
-    targets = [pathlib.Path(p).resolve() for p in paths] or sorted((ROOT / "notebooks").glob("*.ipynb"))
+    targets = [pathlib.Path(p).resolve() for p in paths] or sorted(
+        (ROOT / "notebooks").glob("*.ipynb")
+    )
     for path in targets:
         notebook = nbformat.read(path, as_version=4)
         client = nbclient.NotebookClient(
-            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+            notebook,
+            timeout=300,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(path.parent)}},
         )
         client.execute()
         nbformat.write(notebook, path)

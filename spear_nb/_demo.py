@@ -52,7 +52,9 @@ def run(out: TextIO) -> None:
         frequencies = session.invoke("word_frequencies", chapter, top=5)
         say(f"2. a handler module:function: {frequencies}")
         say(f"3. a plain command (wc -w): {session.invoke('wc', chapter)!r}")
-        say(f"4. a script using the agent library: {session.invoke('shout', 'hello')!r}")
+        say(
+            f"4. a script using the agent library: {session.invoke('shout', 'hello')!r}"
+        )
 
         try:
             session.invoke("word_counts", 42)
@@ -61,11 +63,18 @@ def run(out: TextIO) -> None:
 
         columns = ["instance_id", "runtime", "status", "channel", "requests_total"]
         say("\nInstances:")
-        say(session.instances()[columns + ["latency_mean_ms"]].to_string(index=False))
+        say(session.instances()[[*columns, "latency_mean_ms"]].to_string(index=False))
         say("\nChannels:")
         say(
             session.channels()[
-                ["channel_id", "instance_id", "type", "state", "messages_sent", "rtt_mean_ms"]
+                [
+                    "channel_id",
+                    "instance_id",
+                    "type",
+                    "state",
+                    "messages_sent",
+                    "rtt_mean_ms",
+                ]
             ].to_string(index=False)
         )
         say("\nMetrics per function:")
@@ -74,5 +83,9 @@ def run(out: TextIO) -> None:
         say(f"\nThe five phases of the first call ({execution}):")
         events = session.events()
         phases = events[events["execution_id"] == execution]
-        say(phases[["phase", "duration_ms", "instance_id", "detail"]].to_string(index=False))
+        say(
+            phases[["phase", "duration_ms", "instance_id", "detail"]].to_string(
+                index=False
+            )
+        )
     say("\nSession closed: every instance stopped, every socket removed.")

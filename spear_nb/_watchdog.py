@@ -13,6 +13,7 @@ a half-installed environment.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -21,10 +22,8 @@ import sys
 
 def _kill_groups(groups: set[int]) -> None:
     for pgid in groups:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def _delete_pods(pods: dict[tuple[str, str], str]) -> None:

@@ -49,9 +49,10 @@ class SessionConfig:
             "execution_log_size",
         )
         for name in positive:
-            if getattr(self, name) <= 0:
+            value = getattr(self, name)
+            if value <= 0:
                 raise ConfigurationError(
-                    f"SessionConfig.{name} must be positive, got {getattr(self, name)!r}"
+                    f"SessionConfig.{name} must be positive, got {value!r}"
                 )
         if self.queue_policy not in {p.value for p in QueuePolicy}:
             raise ConfigurationError(

@@ -7,9 +7,9 @@ original kept as ``__cause__``::
     SpearError
     ├── ConfigurationError          a setting or argument is invalid
     │   └── InvalidSpec             a function's spec cannot be registered
-    ├── FunctionNotFound            no function, task, instance or execution by that name
+    ├── FunctionNotFound            no function, task, instance or execution of that id
     ├── SessionClosed               the session was closed
-    ├── ResourceExhausted           the instance cap is reached and the queue is full
+    ├── ResourceExhausted           every instance is busy and the queue is full
     ├── ProtocolError               a peer sent something the wire protocol forbids
     │   └── PayloadTooLarge         a message is larger than the maximum frame size
     ├── ChannelError                a channel could not be opened or was lost

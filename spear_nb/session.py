@@ -284,7 +284,7 @@ class Session:
         return self._run(snapshot())
 
     def instances(self) -> pd.DataFrame:
-        """One row per instance, live or stopped; columns in ``frames.INSTANCE_COLUMNS``."""
+        """One row per instance, live or stopped (``frames.INSTANCE_COLUMNS``)."""
         return self._table(frames.instances)
 
     def tasks(self) -> pd.DataFrame:
@@ -300,7 +300,7 @@ class Session:
         return self._table(frames.metrics)
 
     def events(self) -> pd.DataFrame:
-        """The event log: one row per phase of each execution and per lifecycle change."""
+        """The event log: a row per phase of each execution and per lifecycle change."""
         return self._table(frames.events)
 
     def executions(self) -> pd.DataFrame:
@@ -409,9 +409,10 @@ class Session:
     # -- display -------------------------------------------------------------------
 
     def __repr__(self) -> str:
+        manager = getattr(self, "_manager", None)
+        count = len(manager.functions) if manager is not None else 0
         return (
-            f"<spear_nb.Session {self.session_id} {self.state.value} "
-            f"functions={len(self._manager.functions) if hasattr(self, '_manager') else 0}>"
+            f"<spear_nb.Session {self.session_id} {self.state.value} functions={count}>"
         )
 
     def _repr_html_(self) -> str:

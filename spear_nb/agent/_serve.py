@@ -233,9 +233,8 @@ class Server:
     def stream(self, rid: int, result: Any) -> int:
         """Send each item of an iterator as a stream chunk; return the count."""
         if not isinstance(result, Iterator) and not hasattr(result, "__iter__"):
-            raise TypeError(
-                f"a streamed function must return an iterator, not {type(result).__name__}"
-            )
+            kind = type(result).__name__
+            raise TypeError(f"a streamed function must return an iterator, not {kind}")
         count = 0
         for item in result:
             self.wire.write(Message(MessageType.STREAM_DATA, rid, dumps(item)))
@@ -250,7 +249,7 @@ def dumps(value: Any) -> bytes:
     except (pickle.PicklingError, TypeError, AttributeError):
         import cloudpickle
 
-        return cloudpickle.dumps(value, protocol=5)  # type: ignore[no-any-return]
+        return cloudpickle.dumps(value, protocol=5)
 
 
 def error_reply(rid: int, exc: BaseException) -> Message:

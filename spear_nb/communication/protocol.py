@@ -80,7 +80,7 @@ class Message:
 
 def pack(message: Message) -> bytes:
     """Encode a message body (without the length prefix)."""
-    return msgpack.packb(  # type: ignore[no-any-return]
+    return msgpack.packb(
         [
             message.version,
             int(message.type),

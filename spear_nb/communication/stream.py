@@ -9,6 +9,7 @@ largest cost of a round trip on small messages).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -246,7 +247,5 @@ class StreamListener:
             self._server.close()
             self._server = None
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass

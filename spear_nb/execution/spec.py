@@ -120,7 +120,7 @@ def build_spec(
 def pickle_callable(fn: Callable[..., Any]) -> bytes:
     """cloudpickle a callable, explaining what to do when that is impossible."""
     try:
-        return cloudpickle.dumps(fn, protocol=5)  # type: ignore[no-any-return]
+        return cloudpickle.dumps(fn, protocol=5)
     except Exception as exc:
         raise InvalidSpec(
             f"{getattr(fn, '__name__', fn)!r} cannot be sent to an instance because "
@@ -178,8 +178,9 @@ def build_settings(defaults: TaskSettings, **overrides: Any) -> TaskSettings:
         try:
             given["queue_policy"] = QueuePolicy(given["queue_policy"])
         except ValueError:
+            policy = given["queue_policy"]
             raise InvalidSpec(
-                f"queue_policy must be 'wait' or 'reject', got {given['queue_policy']!r}"
+                f"queue_policy must be 'wait' or 'reject', got {policy!r}"
             ) from None
     for key in ("timeout", "idle_timeout", "start_timeout"):
         if key in given and not given[key] > 0:

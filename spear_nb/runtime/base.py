@@ -83,7 +83,7 @@ class Runtime(abc.ABC):
         """Details for ``Session.inspect`` (logs and the like)."""
         return self.describe_instance(instance)
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release what the runtime holds beyond its instances."""
 
 

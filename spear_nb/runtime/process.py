@@ -80,7 +80,7 @@ def dumps_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         return pickle.dumps((args, kwargs), protocol=5)
     except (pickle.PicklingError, TypeError, AttributeError):
         try:
-            return cloudpickle.dumps((args, kwargs), protocol=5)  # type: ignore[no-any-return]
+            return cloudpickle.dumps((args, kwargs), protocol=5)
         except Exception as exc:
             raise InvalidSpec(
                 f"the arguments cannot be pickled to send to the instance: {exc}"
@@ -210,7 +210,7 @@ class ProcessRuntime(Runtime):
             body = {"kind": "handler", "target": spec.target}
         else:
             body = {"kind": "script"}
-        return msgpack.packb(body, use_bin_type=True)  # type: ignore[no-any-return]
+        return msgpack.packb(body, use_bin_type=True)
 
     def _environment(
         self, instance: TaskInstance, spec: ArtifactSpec, channel_env: dict[str, str]

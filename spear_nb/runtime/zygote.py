@@ -83,7 +83,9 @@ class Zygote:
             future = self._spawns.pop(reply["id"], None)
             if future is not None and not future.done():
                 future.set_exception(
-                    InstanceStartFailed(f"the zygote could not fork: {reply['message']}")
+                    InstanceStartFailed(
+                        f"the zygote could not fork: {reply['message']}"
+                    )
                 )
         elif op == "exit":
             gone = self._exits.pop(int(reply["pid"]), None)

@@ -10,7 +10,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def path(*parts: str) -> str:
-    """The absolute path of a file shipped with the samples, e.g. ``path("data", ...)``."""
+    """The absolute path of a sample file, e.g. ``path("data", "x.txt")``."""
     full = os.path.join(_HERE, *parts)
     if not os.path.exists(full):
         raise FileNotFoundError(f"spear_nb ships no sample {os.path.join(*parts)!r}")
