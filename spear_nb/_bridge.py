@@ -26,11 +26,24 @@ WAIT_SLICE = 0.25
 CANCEL_GRACE = 5.0
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A private event loop: uvloop's when it is installed, asyncio's otherwise.
+
+    uvloop roughly halves the loop's own cost per round trip. It is set on this
+    loop only; the global event loop policy is left alone.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class LoopThread:
     """A daemon thread running an asyncio event loop until :meth:`stop`."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()

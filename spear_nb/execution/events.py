@@ -8,8 +8,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-# The five phases of one execution, in order, then lifecycle events.
-PHASES = ("request", "artifact", "task", "instance", "channel", "execute")
+from spear_nb.execution.model import PHASES, Execution
 
 
 class Event:
@@ -66,13 +65,21 @@ class Event:
         return f"<Event {self.seq} {self.phase} {self.execution_id or self.detail}>"
 
 
+Entry = Event | Execution
+
+
 class EventLog:
-    """The last ``maxlen`` events, with listeners for live views."""
+    """The last ``maxlen`` entries, with listeners for live views.
+
+    An entry is a lifecycle :class:`Event` or an :class:`Execution`, which stands
+    for the events of its phases: the hot path marks times on the execution and
+    the events are built only when someone reads the log.
+    """
 
     def __init__(self, maxlen: int = 10_000) -> None:
-        self._events: deque[Event] = deque(maxlen=maxlen)
+        self._events: deque[Entry] = deque(maxlen=maxlen)
         self._seq = itertools.count(1)
-        self._listeners: list[Callable[[Event], None]] = []
+        self._listeners: list[Callable[[Entry], None]] = []
         # Wall-clock time of perf_counter's zero, so events carry wall times cheaply.
         self._offset = time.time() - time.perf_counter()
 
@@ -104,17 +111,80 @@ class EventLog:
             listener(event)
         return event
 
+    def record_execution(self, execution: Execution) -> None:
+        """Log an execution; its phase events appear as its marks come in."""
+        execution.seq = next(self._seq)
+        for _ in range(len(PHASES) - 1):
+            next(self._seq)
+        self._events.append(execution)
+        for listener in self._listeners:
+            listener(execution)
+
     def note(self, phase: str, detail: str, **ids: str) -> Event:
         """Record an instant lifecycle event (no duration)."""
         return self.emit(phase, time.perf_counter(), detail=detail, **ids)
 
-    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
-        """Call ``listener(event)`` for each new event; returns the unsubscribe."""
+    def subscribe(self, listener: Callable[[Entry], None]) -> Callable[[], None]:
+        """Call ``listener(entry)`` for each new entry; returns the unsubscribe."""
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
 
     def __iter__(self) -> Iterator[Event]:
-        return iter(list(self._events))
+        for entry in list(self._events):
+            if isinstance(entry, Event):
+                yield entry
+            else:
+                yield from self.phase_events(entry)
+
+    def phase_events(self, execution: Execution) -> list[Event]:
+        """The events of the phases an execution has been through so far."""
+        events = []
+        start = execution.started
+        marks = execution.marks
+        ended = None
+        if execution.duration is not None:
+            ended = execution.started + execution.duration
+        details = {
+            "request": execution.function,
+            "instance": (
+                ("new" if execution.new_instance else "reused")
+                if len(marks) > 3
+                else ""
+            ),
+            "channel": execution.channel_type,
+        }
+        for index, phase in enumerate(PHASES):
+            if index < len(marks):
+                end = marks[index]
+            elif ended is not None:
+                end = ended  # the phase the call failed in
+            else:
+                break
+            detail = details.get(phase, "")
+            if index >= len(marks) and execution.error:
+                detail = execution.error
+            events.append(
+                Event(
+                    execution.seq + index,
+                    phase,
+                    start + self._offset,
+                    end - start,
+                    execution.execution_id,
+                    execution.artifact_id if index >= 1 else "",
+                    execution.task_id if index >= 2 else "",
+                    execution.instance_id if index >= 3 else "",
+                    detail,
+                )
+            )
+            if index >= len(marks):
+                break
+            start = end
+        return events
 
     def __len__(self) -> int:
         return len(self._events)
+
+    @property
+    def offset(self) -> float:
+        """Add to a perf_counter value to get wall-clock time."""
+        return self._offset

@@ -156,13 +156,15 @@ class TaskExecutionManager:
     async def submit_execution(
         self, request: InvokeFunctionRequest, execution: Execution | None = None
     ) -> Any:
-        """Run one request through the five phases and return its result."""
+        """Run one request through the five phases and return its result.
+
+        The start of each phase is marked on the execution record; the event log
+        turns the marks into one event per phase when it is read.
+        """
         self._check_open()
-        emit = self.events.emit
-        started = time.perf_counter()
         if execution is None:
             execution = self.new_execution(request)
-        xid = execution.execution_id
+        marks = execution.marks
         task = self.functions.get(request.function)
         if task is None:
             execution.status = ExecutionStatus.FAILED
@@ -171,64 +173,45 @@ class TaskExecutionManager:
                 f"no function named {request.function!r} is registered; registered: "
                 + (", ".join(sorted(self.functions)) or "none")
             )
-        emit("request", started, xid, detail=request.function)
+        marks.append(time.perf_counter())  # request done, artifact looked up
         artifact = task.artifact
         execution.task_id = task.task_id
         execution.artifact_id = artifact.artifact_id
-        phase = time.perf_counter()
-        emit("artifact", phase, xid, artifact.artifact_id)
-        emit("task", phase, xid, artifact.artifact_id, task.task_id)
-        timeout = (
-            request.timeout if request.timeout is not None else task.settings.timeout
-        )
+        marks.append(time.perf_counter())  # task looked up
+        settings_timeout = task.settings.timeout
+        timeout = request.timeout if request.timeout is not None else settings_timeout
+        started = execution.started
         current = asyncio.current_task()
         if current is not None:
             self._running.add(current)
         instance: TaskInstance | None = None
         ok = False
         try:
-            phase = time.perf_counter()
-            instance, new = await self.get_or_create_instance(task, phase + timeout)
+            marks.append(time.perf_counter())
+            instance, new = await self.get_or_create_instance(task, started + timeout)
             execution.instance_id = instance.instance_id
             execution.new_instance = new
-            emit(
-                "instance",
-                phase,
-                xid,
-                artifact.artifact_id,
-                task.task_id,
-                instance.instance_id,
-                "new" if new else "reused",
-            )
             runtime = self.runtimes.get(task.runtime)
             channel = None
+            marks.append(time.perf_counter())
             if runtime.uses_channel(instance):
-                phase = time.perf_counter()
-                channel = await self.factory.get_or_create_channel(instance.instance_id)
+                channel = self.factory.pooled(instance.instance_id)
+                if channel is None or not channel.connected:
+                    channel = await self.factory.get_or_create_channel(
+                        instance.instance_id
+                    )
                 execution.channel_id = channel.channel_id
-                emit(
-                    "channel",
-                    phase,
-                    xid,
-                    artifact.artifact_id,
-                    task.task_id,
-                    instance.instance_id,
-                    channel.type.value,
-                )
+                execution.channel_type = channel.type.value
+            else:
+                execution.channel_type = instance.channel_type
             execution.status = ExecutionStatus.RUNNING
-            phase = time.perf_counter()
-            remaining = max(0.001, started + timeout - phase)
+            now = time.perf_counter()
+            marks.append(now)
+            remaining = max(0.001, started + timeout - now)
             result = await runtime.execute(
                 instance, channel, request, execution, remaining
             )
-            emit(
-                "execute",
-                phase,
-                xid,
-                artifact.artifact_id,
-                task.task_id,
-                instance.instance_id,
-            )
+            marks.append(time.perf_counter())
             ok = True
             execution.status = ExecutionStatus.SUCCEEDED
             return result
@@ -264,17 +247,19 @@ class TaskExecutionManager:
                 self._running.discard(current)
             duration = time.perf_counter() - started
             execution.duration = duration
+            execution.finished()
             if instance is not None:
                 instance.metrics.finished(duration, ok)
                 task.metrics.finished(duration, ok)
                 self._wake(task)
 
     def new_execution(self, request: InvokeFunctionRequest) -> Execution:
-        """Create and log the record of a call."""
+        """Create the record of a call and log it."""
         execution = Execution(
             f"ex-{next(self._execution_numbers)}", request.function, request.mode
         )
         self.executions.append(execution)
+        self.events.record_execution(execution)
         return execution
 
     # -- phase 3: instance ---------------------------------------------------------

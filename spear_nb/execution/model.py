@@ -334,6 +334,18 @@ class Execution:
     duration: float | None = None
     error: str = ""
     new_instance: bool = False
+    channel_type: str = ""
+    # perf_counter marks: the end of each phase in PHASES order (started is the
+    # start of the first); a failed call has fewer.
+    marks: list[float] = dataclasses.field(default_factory=list)
+    seq: int = 0  # first sequence number of its events in the event log
+    listeners: list[Callable[[Execution], None]] | None = None
+
+    def finished(self) -> None:
+        """Tell live views (the dashboard) that the call ended."""
+        if self.listeners:
+            for listener in self.listeners:
+                listener(self)
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -348,3 +360,7 @@ class Execution:
             "duration_ms": None if self.duration is None else self.duration * 1e3,
             "error": self.error,
         }
+
+
+# The phases of one execution, in order, and what each mark ends.
+PHASES = ("request", "artifact", "task", "instance", "channel", "execute")
