@@ -82,3 +82,23 @@ def report_and_sleep(port, seconds):
     conn.close()
     time.sleep(seconds)
     return seconds
+
+
+def raise_unprintable():
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no str for you")
+
+    raise Unprintable()
+
+
+def chatty(text):
+    print(text, flush=True)
+    return len(text)
+
+
+REPORT_FROM_STDIN = (
+    "import os, socket, sys, time;"
+    "c = socket.create_connection(('127.0.0.1', int(sys.stdin.read())));"
+    "c.sendall(f'{os.getpid()}\\n'.encode()); c.close(); time.sleep(30)"
+)

@@ -37,6 +37,18 @@ class ReadySignal:
             data += chunk
         return int(data.strip())
 
+    def wait_closed(self, timeout: float = 30.0) -> bool:
+        """Wait until the newest connection is closed by the remote function."""
+        conn = self._conns[-1]
+        conn.settimeout(timeout)
+        try:
+            while True:
+                data = conn.recv(64)
+                if not data:
+                    return True
+        except OSError:
+            return False
+
     def release(self) -> None:
         for conn in self._conns:
             try:

@@ -20,7 +20,7 @@ from tests._support import ReadySignal
 cloudpickle.register_pickle_by_value(_remote)
 
 WORKDIR_PREFIX = "spear_nb-"
-FD_SLACK = 4
+FD_SLACK = 2
 _private_tmp: str | None = None
 
 
