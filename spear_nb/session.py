@@ -9,13 +9,21 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import pandas as pd
 
 from spear_nb import _cleanup
 from spear_nb._bridge import LoopThread
+from spear_nb._handles import ChunkStream, ExecutionHandle, chunk_aiter, start_on_loop
 from spear_nb.communication.factory import CommunicationFactory
 from spear_nb.config import SessionConfig
 from spear_nb.errors import (
@@ -28,6 +36,7 @@ from spear_nb.execution.events import EventLog
 from spear_nb.execution.manager import TaskExecutionManager
 from spear_nb.execution.model import (
     ArtifactKind,
+    Execution,
     ExecutionMode,
     InvokeFunctionRequest,
     RuntimeType,
@@ -243,18 +252,94 @@ class Session:
         function: str | Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        mode: ExecutionMode = ExecutionMode.SYNC,
-        on_chunk: Callable[[Any], None] | None = None,
     ) -> Any:
-        name = await self._resolve(function)
+        request = await self._request(function, args, kwargs, ExecutionMode.SYNC)
+        return await self._manager.submit_execution(request)
+
+    async def _request(
+        self,
+        function: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        mode: ExecutionMode,
+        on_chunk: Callable[[Any], None] | None = None,
+    ) -> InvokeFunctionRequest:
+        name = function if isinstance(function, str) else await self._resolve(function)
         task = self._manager.function(name)
         request = InvokeFunctionRequest(
             name, args, kwargs, mode=mode, on_chunk=on_chunk
         )
         if task.artifact.spec.kind in (ArtifactKind.COMMAND, ArtifactKind.WASM):
+            if mode is ExecutionMode.STREAM:
+                raise InvalidSpec(
+                    f"{name!r} is a byte function; only Python functions stream"
+                )
             request.payload = _byte_payload(name, args, kwargs)
             request.args, request.kwargs = (), {}
-        return await self._manager.submit_execution(request)
+        return request
+
+    # -- async and stream modes ------------------------------------------------------
+
+    def submit(
+        self, function: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> ExecutionHandle:
+        """Start a call and return its handle at once (async mode).
+
+        ``handle.result(timeout)`` waits for the value, ``handle.cancel()`` stops
+        the call in its instance, and ``await handle`` works in async code.
+        """
+        return self._run(self._start(function, args, kwargs, ExecutionMode.ASYNC))
+
+    async def asubmit(
+        self, function: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> ExecutionHandle:
+        """Coroutine twin of :meth:`submit`."""
+        return await self._arun(
+            self._start(function, args, kwargs, ExecutionMode.ASYNC)
+        )
+
+    def stream(
+        self, function: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Iterator[Any]:
+        """Call a function that yields; iterate over its chunks as they come.
+
+        Each item the function yields inside its instance is sent as soon as it is
+        produced. Leaving the loop early cancels the call.
+        """
+
+        def start(on_chunk: Callable[[Any], None]) -> ExecutionHandle:
+            return self._run(
+                self._start(function, args, kwargs, ExecutionMode.STREAM, on_chunk)
+            )
+
+        return iter(ChunkStream(start))
+
+    def astream(
+        self, function: str | Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Async twin of :meth:`stream`: ``async for chunk in s.astream(...)``."""
+
+        async def start(on_chunk: Callable[[Any], None]) -> ExecutionHandle:
+            return await self._arun(
+                self._start(function, args, kwargs, ExecutionMode.STREAM, on_chunk)
+            )
+
+        return chunk_aiter(start)
+
+    async def _start(
+        self,
+        function: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        mode: ExecutionMode,
+        on_chunk: Callable[[Any], None] | None = None,
+    ) -> ExecutionHandle:
+        async def make() -> tuple[Execution, Coroutine[Any, Any, Any]]:
+            request = await self._request(function, args, kwargs, mode, on_chunk)
+            execution = self._manager.new_execution(request)
+            return execution, self._manager.submit_execution(request, execution)
+
+        return await start_on_loop(self._loop, make)
 
     async def _resolve(self, function: str | Callable[..., Any]) -> str:
         if isinstance(function, str):

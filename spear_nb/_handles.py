@@ -1,0 +1,182 @@
+"""Handles for calls that outlive the method that started them: submit and stream."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import html
+import queue
+from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
+from typing import Any
+
+from spear_nb._bridge import WAIT_SLICE, LoopThread
+from spear_nb.errors import ExecutionCancelled
+from spear_nb.execution.model import Execution
+
+
+class ExecutionHandle:
+    """A call running in the background (``Session.submit``).
+
+    ``result()`` blocks for the value, ``cancel()`` stops the call in its instance,
+    and ``await handle`` works in async code.
+    """
+
+    def __init__(
+        self,
+        loop: LoopThread,
+        execution: Execution,
+        task: asyncio.Task[Any],
+        future: concurrent.futures.Future[Any],
+    ) -> None:
+        self._loop = loop
+        self._execution = execution
+        self._task = task
+        self._future = future
+
+    @property
+    def execution_id(self) -> str:
+        return self._execution.execution_id
+
+    @property
+    def function(self) -> str:
+        return self._execution.function
+
+    @property
+    def status(self) -> str:
+        """pending, running, succeeded, failed, cancelled or timed_out."""
+        return self._execution.status.value
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the call and return its value (or raise its error).
+
+        Ctrl-C while waiting cancels the call. ``timeout`` limits the wait, not
+        the call: on expiry a TimeoutError is raised and the call goes on.
+        """
+        waited = 0.0
+        try:
+            while True:
+                try:
+                    return self._future.result(timeout=WAIT_SLICE)
+                except concurrent.futures.TimeoutError:
+                    waited += WAIT_SLICE
+                    if timeout is not None and waited >= timeout:
+                        raise TimeoutError(
+                            f"{self.execution_id} is still {self.status} after "
+                            f"{timeout:g} s"
+                        ) from None
+                except concurrent.futures.CancelledError:
+                    raise ExecutionCancelled(
+                        f"{self.execution_id} was cancelled"
+                    ) from None
+        except KeyboardInterrupt:
+            self.cancel()
+            raise
+
+    def cancel(self) -> bool:
+        """Cancel the call; return False if it had already finished."""
+        if self._future.done():
+            return False
+        self._loop.loop.call_soon_threadsafe(self._task.cancel)
+        return True
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._await().__await__()
+
+    async def _await(self) -> Any:
+        try:
+            return await asyncio.wrap_future(self._future)
+        except asyncio.CancelledError:
+            if self._future.cancelled():
+                raise ExecutionCancelled(f"{self.execution_id} was cancelled") from None
+            raise
+
+    def __repr__(self) -> str:
+        return f"<ExecutionHandle {self.execution_id} {self.function} {self.status}>"
+
+    def _repr_html_(self) -> str:
+        return (
+            "<div class='spear-nb'>execution <code>"
+            f"{html.escape(self.execution_id)}</code> of <code>"
+            f"{html.escape(self.function)}</code>: <b>{html.escape(self.status)}</b>"
+            "</div>"
+        )
+
+
+Starter = Callable[[], Coroutine[Any, Any, tuple[Execution, Coroutine[Any, Any, Any]]]]
+
+
+async def start_on_loop(loop: LoopThread, make: Starter) -> ExecutionHandle:
+    """On the session loop: create an execution, start it as a task, wrap it."""
+    execution, coro = await make()
+    task = asyncio.get_running_loop().create_task(coro)
+    future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+    task.add_done_callback(lambda t: _copy(t, future))
+    return ExecutionHandle(loop, execution, task, future)
+
+
+def _copy(task: asyncio.Task[Any], future: concurrent.futures.Future[Any]) -> None:
+    if task.cancelled():
+        future.cancel()
+        future.set_running_or_notify_cancel()
+    elif task.exception() is not None:
+        future.set_exception(task.exception())
+    else:
+        future.set_result(task.result())
+
+
+_END = object()
+
+
+class ChunkStream:
+    """A sync iterator over the chunks of a streamed call, as they arrive."""
+
+    def __init__(
+        self, start: Callable[[Callable[[Any], None]], ExecutionHandle]
+    ) -> None:
+        self._chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.handle = start(self._chunks.put)
+        self.handle._future.add_done_callback(lambda _: self._chunks.put(_END))
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        try:
+            while True:
+                try:
+                    item = self._chunks.get(timeout=WAIT_SLICE)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    self.handle.result()  # raises the call's error, if any
+                    return
+                yield item
+        finally:
+            # A consumer that stops early (break, Ctrl-C) cancels the call.
+            self.handle.cancel()
+
+
+async def chunk_aiter(
+    start: Callable[[Callable[[Any], None]], Coroutine[Any, Any, ExecutionHandle]],
+) -> AsyncIterator[Any]:
+    """An async iterator over the chunks of a streamed call."""
+    caller = asyncio.get_running_loop()
+    chunks: asyncio.Queue[Any] = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        caller.call_soon_threadsafe(chunks.put_nowait, item)
+
+    handle = await start(put)
+    handle._future.add_done_callback(lambda _: put(_END))
+    try:
+        while True:
+            item = await chunks.get()
+            if item is _END:
+                await handle
+                return
+            yield item
+    finally:
+        handle.cancel()
