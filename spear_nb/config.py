@@ -25,6 +25,8 @@ class SessionConfig:
     instance_idle_timeout: float = 120.0
     health_check_interval: float = 10.0
     health_check_failures: int = 3
+    heartbeat_interval: float = 1.0  # seconds between heartbeats on each channel
+    heartbeat_misses: int = 3  # silent intervals before a channel counts as lost
     queue_policy: str = "wait"
     max_queue: int = 1024
     scheduler: str = "least_connections"
@@ -44,6 +46,8 @@ class SessionConfig:
             "instance_idle_timeout",
             "health_check_interval",
             "health_check_failures",
+            "heartbeat_interval",
+            "heartbeat_misses",
             "max_frame_size",
             "event_log_size",
             "execution_log_size",

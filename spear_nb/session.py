@@ -106,6 +106,9 @@ class Session:
             self.config, factory, events, self._workdir, self._watchdog, self.session_id
         )
         runtimes = RuntimeManager(context, {RuntimeType.PROCESS: ProcessRuntime})
+        factory.start_heartbeats(
+            self.config.heartbeat_interval, self.config.heartbeat_misses
+        )
         return TaskExecutionManager(self.config, runtimes, factory, events)
 
     # -- the bridge ----------------------------------------------------------------

@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +34,9 @@ from spear_nb.communication.protocol import (
     frame,
     unpack,
 )
+
+_OK = {"status": "ok"}
+_CANCELLED = {"status": "cancelled"}
 
 EXIT_OK = 0
 EXIT_NO_HOST = 3
@@ -176,13 +180,27 @@ def load_function(bootstrap: bytes, script_fn: Callable[..., Any] | None) -> Any
 
 
 class Server:
-    """Serves execute requests on the main thread, one at a time."""
+    """Serves execute requests.
 
-    def __init__(self, wire: Wire, fn: Callable[..., Any]) -> None:
+    With a concurrency of 1 (the default) calls run inline on the main thread, the
+    fastest path; the host cancels one with SIGUSR1. With more, the main thread
+    reads and a thread pool runs the calls, replying in whatever order they end;
+    a cancel signal message interrupts the worker thread running that call.
+    """
+
+    def __init__(
+        self, wire: Wire, fn: Callable[..., Any], concurrency: int = 1
+    ) -> None:
         self.wire = wire
         self.fn = fn
-        self.current = 0  # request id of the call running now, 0 when idle
+        self.current = 0  # request id of the inline call running now, 0 when idle
         self.cancelled = 0
+        self.pool: Any = None
+        self.threads: dict[int, int] = {}  # request id -> worker thread ident
+        if concurrency > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(min(concurrency, 64), "spear-agent")
 
     def on_cancel_signal(self, signum: int, frame: Any) -> None:
         if self.current and self.current != self.cancelled:
@@ -190,24 +208,51 @@ class Server:
             raise _Cancelled()
 
     def serve(self) -> int:
-        while True:
-            message = self.wire.read()
-            if message is None:
-                return EXIT_NO_HOST
-            kind = message.type
-            if kind is MessageType.EXECUTE_REQUEST:
-                self.execute(message)
-            elif kind is MessageType.HEARTBEAT:
-                self.wire.write(Message(MessageType.HEARTBEAT, message.request_id))
-            elif kind is MessageType.CLOSE:
-                return EXIT_OK
-            # A SIGNAL for a call that is no longer running needs no answer.
+        try:
+            while True:
+                message = self.wire.read()
+                if message is None:
+                    return EXIT_NO_HOST
+                kind = message.type
+                if kind is MessageType.EXECUTE_REQUEST:
+                    if self.pool is None:
+                        self.execute(message)
+                    else:
+                        self.pool.submit(self.execute, message)
+                elif kind is MessageType.HEARTBEAT:
+                    if not message.header("reply"):
+                        self.wire.write(
+                            Message(MessageType.HEARTBEAT, message.request_id)
+                        )
+                elif kind is MessageType.SIGNAL:
+                    if message.header("signal") == "cancel":
+                        self.cancel_thread(message.request_id)
+                elif kind is MessageType.CLOSE:
+                    return EXIT_OK
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def cancel_thread(self, rid: int) -> None:
+        """Raise _Cancelled in the worker thread running call ``rid``, if any."""
+        ident = self.threads.get(rid)
+        if ident is None:
+            return
+        import ctypes
+
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(ident), ctypes.py_object(_Cancelled)
+        )
 
     def execute(self, request: Message) -> None:
         rid = request.request_id
         reply: Message
+        pooled = self.pool is not None
         try:
-            self.current = rid
+            if pooled:
+                self.threads[rid] = threading.get_ident()
+            else:
+                self.current = rid
             try:
                 args, kwargs = pickle.loads(request.payload)
                 result = self.fn(*args, **kwargs)
@@ -216,13 +261,12 @@ class Server:
                 payload = dumps(result)
             finally:
                 self.current = 0
-            reply = Message(
-                MessageType.EXECUTE_RESPONSE, rid, payload, {"status": "ok"}
-            )
+                if pooled:
+                    self.threads.pop(rid, None)
+            reply = Message(MessageType.EXECUTE_RESPONSE, rid, payload, _OK)
         except _Cancelled:
-            reply = Message(
-                MessageType.EXECUTE_RESPONSE, rid, b"", {"status": "cancelled"}
-            )
+            self.threads.pop(rid, None)
+            reply = Message(MessageType.EXECUTE_RESPONSE, rid, b"", _CANCELLED)
         except Exception as exc:
             reply = error_reply(rid, exc)
         try:
@@ -277,6 +321,15 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
     except AgentError as exc:
         print(f"spear_nb agent: {exc}", file=sys.stderr)
         return EXIT_AUTH
+    interval = float(env.get("SPEAR_HEARTBEAT", "0"))
+    stop = threading.Event()
+    if interval > 0:
+        # The host hears from us even while a long call blocks the main thread;
+        # if it hears nothing (we are stopped or hung) it replaces this instance.
+        beat = threading.Thread(
+            target=_heartbeat, args=(wire, interval, stop), daemon=True
+        )
+        beat.start()
     try:
         fn = load_function(bootstrap, script_fn)
     except BaseException as exc:  # report any failure to load, then stop
@@ -284,11 +337,24 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
         failure.type = MessageType.ERROR
         wire.write(failure)
         print(f"spear_nb agent: cannot load the function: {exc!r}", file=sys.stderr)
+        stop.set()
         return EXIT_LOAD
     wire.write(Message(MessageType.SIGNAL, 0, b"", {"signal": "ready"}))
-    server = Server(wire, fn)
+    server = Server(wire, fn, int(env.get("SPEAR_CONCURRENCY", "1")))
     signal.signal(signal.SIGUSR1, server.on_cancel_signal)
     try:
         return server.serve()
     except (ConnectionError, OSError):
         return EXIT_NO_HOST
+    finally:
+        stop.set()
+
+
+def _heartbeat(wire: Wire, interval: float, stop: threading.Event) -> None:
+    beat = Message(MessageType.HEARTBEAT, 0, b"", {"reply": True})
+    while not stop.wait(interval):
+        try:
+            beat.timestamp = time.time()
+            wire.write(beat)
+        except OSError:
+            return

@@ -57,6 +57,8 @@ class ChannelStats:
         self.bytes_received = 0
         self.errors = 0
         self.auth_failures = 0
+        self.heartbeats_sent = 0
+        self.heartbeats_received = 0
         self.connected_at: float | None = None
         self.last_activity: float | None = None
         self.round_trips: deque[float] = deque(maxlen=2048)
@@ -109,6 +111,7 @@ class Channel:
         self._sent_at: dict[int, float] = {}
         self._lost_callbacks: list[Callable[[Channel], None]] = []
         self._ready: asyncio.Future[None] | None = None
+        self.expects_heartbeats = False  # the peer beats; silence means it is lost
 
     # -- what subclasses provide -------------------------------------------------
 
@@ -135,7 +138,11 @@ class Channel:
     def send(self, message: Message) -> None:
         """Send a message that expects no response (signals, heartbeats, close)."""
         self._ensure_connected()
-        self.stats.sent(self._write(message))
+        nbytes = self._write(message)
+        if message.type is MessageType.HEARTBEAT:
+            self.stats.heartbeats_sent += 1
+        else:
+            self.stats.sent(nbytes)
 
     def start_request(
         self, message: Message, on_stream: StreamCallback | None = None
@@ -201,8 +208,12 @@ class Channel:
     # -- called by subclasses when bytes arrive or the link breaks ----------------
 
     def _deliver(self, message: Message, nbytes: int) -> None:
-        self.stats.received(nbytes)
         kind = message.type
+        if kind is MessageType.HEARTBEAT:
+            self.stats.heartbeats_received += 1
+            self.stats.last_activity = time.time()
+            return
+        self.stats.received(nbytes)
         rid = message.request_id
         if kind is MessageType.STREAM_DATA:
             callback = self._streams.get(rid)
@@ -224,7 +235,7 @@ class Channel:
             if message.header("signal") == "ready":
                 self._resolve_ready(None)
             return
-        if kind is MessageType.HEARTBEAT or kind is MessageType.CLOSE:
+        if kind is MessageType.CLOSE:
             return
         self.stats.errors += 1
         logger.warning(
@@ -241,6 +252,11 @@ class Channel:
             ready.set_result(None)
         else:
             ready.set_exception(error)
+
+    def drop(self, reason: str) -> None:
+        """Mark the link lost (pending calls fail with ``reason``) and close it."""
+        self._set_lost(ChannelState.DISCONNECTED, reason)
+        self._close_transport()
 
     def _protocol_violation(self, exc: ProtocolError) -> None:
         self.stats.errors += 1
@@ -295,6 +311,8 @@ class Channel:
             "bytes_received": s.bytes_received,
             "errors": s.errors,
             "auth_failures": s.auth_failures,
+            "heartbeats_sent": s.heartbeats_sent,
+            "heartbeats_received": s.heartbeats_received,
             "in_flight": self.in_flight,
             "rtt_mean_ms": s.rtt_mean * 1e3,
             "rtt_p99_ms": s.rtt_p99 * 1e3,

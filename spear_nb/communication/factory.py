@@ -12,11 +12,12 @@ import hmac
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from spear_nb.communication.channel import Channel, ChannelType
-from spear_nb.communication.protocol import DEFAULT_MAX_FRAME
+from spear_nb.communication.protocol import DEFAULT_MAX_FRAME, Message, MessageType
 from spear_nb.communication.stream import StreamChannel, StreamListener
 from spear_nb.errors import (
     AuthenticationFailed,
@@ -84,6 +85,7 @@ class CommunicationFactory:
         self._pool: dict[str, Channel] = {}
         self._connectors: dict[str, Connector] = {}
         self._history: list[Channel] = []
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     # -- dial-in transports ------------------------------------------------------
 
@@ -168,6 +170,7 @@ class CommunicationFactory:
         if expected.future.done():
             raise AuthenticationFailed(f"instance {instance_id} is already connected")
         channel.instance_id = instance_id
+        channel.expects_heartbeats = True  # every dial-in peer is an agent
         channel.on_lost(self._lost)
         self._pool[instance_id] = channel
         self._history.append(channel)
@@ -205,6 +208,39 @@ class CommunicationFactory:
                 f"instance {instance_id} did not connect within {timeout:g} s"
             )
         raise InstanceStartFailed(f"instance {instance_id} exited before connecting")
+
+    # -- liveness ------------------------------------------------------------------
+
+    def start_heartbeats(self, interval: float, misses: int) -> None:
+        """Beat on every channel each ``interval``; drop those silent too long."""
+        self._heartbeat_task = asyncio.get_running_loop().create_task(
+            self._beat(interval, misses)
+        )
+
+    async def _beat(self, interval: float, misses: int) -> None:
+        beat = Message(MessageType.HEARTBEAT, 0)
+        limit = interval * misses
+        while True:
+            await asyncio.sleep(interval)
+            now = time.time()
+            for channel in list(self._pool.values()):
+                if not channel.connected:
+                    continue
+                if channel.expects_heartbeats:
+                    heard = channel.stats.last_activity or channel.stats.connected_at
+                    silent = now - (heard or now)
+                    if silent > limit:
+                        channel.stats.errors += 1
+                        channel.drop(
+                            f"nothing heard for {silent:.1f} s ({misses} heartbeats "
+                            "missed): the instance is paused or hung"
+                        )
+                        continue
+                try:
+                    beat.timestamp = now
+                    channel.send(beat)
+                except ChannelError:
+                    continue
 
     # -- channels made by runtimes (memory, grpc) ---------------------------------
 
@@ -259,6 +295,8 @@ class CommunicationFactory:
 
     async def close(self) -> None:
         """Close every channel and listener."""
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         for instance_id in list(self._pool):
             self.release(instance_id)
         for listener in self._listeners.values():

@@ -67,6 +67,8 @@ CHANNEL_COLUMNS = [
     "bytes_received",
     "errors",
     "auth_failures",
+    "heartbeats_sent",
+    "heartbeats_received",
     "in_flight",
     "rtt_mean_ms",
     "rtt_p99_ms",

@@ -190,6 +190,11 @@ class ProcessRuntime(Runtime):
             ready = channel.expect_ready()
             if ready in done:
                 ready.result()
+                channel.on_lost(
+                    lambda lost: self.context.on_instance_lost(
+                        instance, f"its channel was lost: {lost.close_reason}"
+                    )
+                )
             elif not done:
                 raise InstanceStartFailed(
                     f"instance {instance.instance_id} did not load its function "
@@ -225,6 +230,8 @@ class ProcessRuntime(Runtime):
                 "SPEAR_SECRET": instance.secret,
                 "SPEAR_MAX_FRAME": str(self.context.config.max_frame_size),
                 "SPEAR_HOST_PID": str(os.getpid()),
+                "SPEAR_HEARTBEAT": str(self.context.config.heartbeat_interval),
+                "SPEAR_CONCURRENCY": str(instance.capacity),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -437,7 +444,7 @@ class ProcessRuntime(Runtime):
         assert isinstance(handle, ProcessHandle)
         # The socket usually breaks a moment before the exit is reaped.
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(handle.exited), 2.0)
+            await asyncio.wait_for(asyncio.shield(handle.exited), 0.5)
         if handle.exited.done():
             how = describe_exit(handle.exited.result())
             tail = read_tail(handle.log_path, 500).rstrip()
