@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 
@@ -50,6 +50,14 @@ class AgentError(Exception):
 
 class _Cancelled(BaseException):
     """Raised into a running function when the host cancels its call."""
+
+
+class WireLike(Protocol):
+    """What the server needs of a transport: read and write whole messages."""
+
+    def read(self) -> Message | None: ...
+
+    def write(self, message: Message) -> None: ...
 
 
 class Wire:
@@ -122,7 +130,7 @@ def connect(env: dict[str, str]) -> socket.socket:
     return sock
 
 
-def authenticate(wire: Wire, env: dict[str, str]) -> bytes:
+def authenticate(wire: Wire, env: dict[str, str], fallback_reason: str = "") -> bytes:
     """Send the auth request; return the host's bootstrap payload."""
     request = Message(MessageType.AUTH_REQUEST, 0)
     request.headers = {
@@ -130,6 +138,8 @@ def authenticate(wire: Wire, env: dict[str, str]) -> bytes:
         "secret": env.get("SPEAR_SECRET", ""),
         "pid": os.getpid(),
     }
+    if fallback_reason:
+        request.headers["fallback_reason"] = fallback_reason
     wire.write(request)
     reply = wire.read()
     if reply is None:
@@ -189,7 +199,11 @@ class Server:
     """
 
     def __init__(
-        self, wire: Wire, fn: Callable[..., Any], concurrency: int = 1
+        self,
+        wire: WireLike,
+        fn: Callable[..., Any],
+        concurrency: int = 1,
+        threaded: bool = False,
     ) -> None:
         self.wire = wire
         self.fn = fn
@@ -197,10 +211,11 @@ class Server:
         self.cancelled = 0
         self.pool: Any = None
         self.threads: dict[int, int] = {}  # request id -> worker thread ident
-        if concurrency > 1:
+        if concurrency > 1 or threaded:
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(min(concurrency, 64), "spear-agent")
+            workers = min(max(concurrency, 1), 64)
+            self.pool = ThreadPoolExecutor(workers, "spear-agent")
 
     def on_cancel_signal(self, signum: int, frame: Any) -> None:
         if self.current and self.current != self.cancelled:
@@ -313,10 +328,23 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
     """Connect, authenticate, load the function and serve; return the exit code."""
     env = dict(os.environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fallback_reason = ""
+    if env.get("SPEAR_GRPC_ADDRESS"):
+        try:
+            die_with_parent(int(env.get("SPEAR_HOST_PID", "0")))
+            from spear_nb.agent import _grpc_serve
+
+            return _grpc_serve.serve(env, script_fn)
+        except AgentError as exc:
+            if not env.get("SPEAR_ADDRESS"):
+                print(f"spear_nb agent: {exc}", file=sys.stderr)
+                return EXIT_AUTH
+            fallback_reason = f"grpc: {exc}"
+            print(f"spear_nb agent: {exc}; dialling the host", file=sys.stderr)
     try:
         max_frame = int(env.get("SPEAR_MAX_FRAME", DEFAULT_MAX_FRAME))
         wire = Wire(connect(env), max_frame)
-        bootstrap = authenticate(wire, env)
+        bootstrap = authenticate(wire, env, fallback_reason)
         die_with_parent(int(env.get("SPEAR_HOST_PID", "0")))
     except AgentError as exc:
         print(f"spear_nb agent: {exc}", file=sys.stderr)
@@ -327,7 +355,7 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
         # The host hears from us even while a long call blocks the main thread;
         # if it hears nothing (we are stopped or hung) it replaces this instance.
         beat = threading.Thread(
-            target=_heartbeat, args=(wire, interval, stop), daemon=True
+            target=heartbeat_forever, args=(wire, interval, stop), daemon=True
         )
         beat.start()
     try:
@@ -350,7 +378,8 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
         stop.set()
 
 
-def _heartbeat(wire: Wire, interval: float, stop: threading.Event) -> None:
+def heartbeat_forever(wire: WireLike, interval: float, stop: threading.Event) -> None:
+    """Send a heartbeat every ``interval`` seconds until ``stop`` is set."""
     beat = Message(MessageType.HEARTBEAT, 0, b"", {"reply": True})
     while not stop.wait(interval):
         try:

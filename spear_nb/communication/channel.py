@@ -112,6 +112,7 @@ class Channel:
         self._lost_callbacks: list[Callable[[Channel], None]] = []
         self._ready: asyncio.Future[None] | None = None
         self.expects_heartbeats = False  # the peer beats; silence means it is lost
+        self.peer_info: dict[str, Any] = {}  # what the peer said of itself at auth
 
     # -- what subclasses provide -------------------------------------------------
 

@@ -125,6 +125,22 @@ class CommunicationFactory:
             + "; ".join(reasons)
         )
 
+    def expectation(self, instance_id: str) -> asyncio.Future[Channel]:
+        """The future of an instance's dial-in, made by :meth:`listen_for`."""
+        return self._expected[instance_id].future
+
+    def adopt(self, instance_id: str, channel: Channel) -> None:
+        """Pool a channel the host opened itself (it dialled the instance)."""
+        self._expected.pop(instance_id, None)
+        channel.on_lost(self._lost)
+        self._pool[instance_id] = channel
+        self._history.append(channel)
+
+    def fell_back(self, instance_id: str, channel: Channel, reasons: list[str]) -> None:
+        """Record that an instance reached the host over a fallback channel."""
+        channel.fallback_from = reasons[0].split(":", 1)[0] if reasons else ""
+        self._fell_back(instance_id, channel.type.value, reasons)
+
     def _fell_back(self, instance_id: str, chosen: str, reasons: list[str]) -> None:
         reason = "; ".join(reasons)
         self.stats.fallbacks += 1

@@ -98,7 +98,7 @@ def frame(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     body = pack(message)
     if len(body) > max_frame:
         raise PayloadTooLarge(
-            f"a {message.type.name.lower()} message of {_size(len(body))} is larger "
+            f"the {message.type.name.lower()} message is {_size(len(body))}, more "
             f"than the maximum frame size of {_size(max_frame)}; send less data per "
             "call or raise max_frame_size in the session's configuration"
         )

@@ -144,6 +144,9 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         instance_id = str(message.header("instance_id", ""))
         secret = str(message.header("secret", ""))
         self.instance_id = instance_id
+        self.peer_info = {
+            k: v for k, v in (message.headers or {}).items() if k != "secret"
+        }
         try:
             bootstrap = self._authenticator(self, instance_id, secret)
         except ChannelError as exc:

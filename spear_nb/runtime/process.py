@@ -145,11 +145,18 @@ class ProcessRuntime(Runtime):
             ArtifactKind.SCRIPT,
         ):
             raise InvalidSpec(f"the process runtime cannot run a {spec.kind.value}")
-        if spec.channel and spec.channel not in ("unix", "tcp"):
+        if spec.channel and spec.channel not in ("unix", "tcp", "grpc"):
             raise InvalidSpec(
-                f"the process runtime cannot use a {spec.channel!r} channel yet; "
-                "use 'unix' or 'tcp'"
+                f"the process runtime cannot use a {spec.channel!r} channel; "
+                "use 'unix', 'tcp' or 'grpc'"
             )
+        if spec.channel == "grpc":
+            try:
+                import grpc  # noqa: F401
+            except ImportError:
+                raise InvalidSpec(
+                    "channel='grpc' needs grpcio: pip install 'spear_nb[grpc]'"
+                ) from None
         if self._can_fork(spec):
             self._ensure_zygote()  # warm it up before the first call needs it
 
@@ -167,19 +174,33 @@ class ProcessRuntime(Runtime):
         ctx = self.context
         factory = ctx.factory
         types = factory.strategy("process", spec.channel)
+        dial_out = types[0] == "grpc"
+        bootstrap = self._bootstrap(spec)
         env = await factory.listen_for(
-            instance.instance_id, instance.secret, self._bootstrap(spec), types
+            instance.instance_id,
+            instance.secret,
+            bootstrap,
+            tuple(t for t in types if t != "grpc"),
         )
         instance.channel_type = env["SPEAR_CHANNEL"]
+        if dial_out:
+            path = os.path.join(ctx.workdir, f"{instance.instance_id}.grpc.sock")
+            env["SPEAR_GRPC_ADDRESS"] = f"unix:{path}"
         handle = await self._spawn(instance, spec, env)
         instance.handle = handle
         timeout = instance.task.settings.start_timeout
         try:
-            channel = await factory.wait_connected(
-                instance.instance_id,
-                timeout,
-                handle.exited,  # type: ignore[arg-type]
-            )
+            if dial_out:
+                channel = await self._dial_grpc(
+                    instance, env["SPEAR_GRPC_ADDRESS"], bootstrap, timeout
+                )
+            else:
+                channel = await factory.wait_connected(
+                    instance.instance_id,
+                    timeout,
+                    handle.exited,  # type: ignore[arg-type]
+                )
+            instance.channel_type = channel.type.value
             waiters: set[asyncio.Future[Any]] = {
                 channel.expect_ready(),
                 handle.exited,
@@ -207,6 +228,53 @@ class ProcessRuntime(Runtime):
         except SpearError as exc:
             await self.stop_instance(instance)
             raise self._start_failure(instance, exc) from exc
+
+    async def _dial_grpc(
+        self, instance: TaskInstance, address: str, bootstrap: bytes, timeout: float
+    ) -> Channel:
+        """Dial the agent's gRPC server; take its dial-in instead if it fell back."""
+        from spear_nb.communication.grpc_channel import GrpcChannel
+
+        factory = self.context.factory
+        handle = instance.handle
+        assert isinstance(handle, ProcessHandle)
+        grpc_channel = GrpcChannel(
+            instance.instance_id, address, self.context.config.max_frame_size
+        )
+        loop = asyncio.get_running_loop()
+        dialing = loop.create_task(
+            grpc_channel.connect(instance.secret, bootstrap, timeout)
+        )
+        dial_in = factory.expectation(instance.instance_id)
+        waiters: set[asyncio.Future[Any]] = {dialing, dial_in, handle.exited}
+        done, _ = await asyncio.wait(
+            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if dialing in done and dialing.exception() is None:
+            factory.adopt(instance.instance_id, grpc_channel)
+            return grpc_channel
+        dialing.cancel()
+        with contextlib.suppress(BaseException):
+            await dialing
+        if dial_in in done:
+            channel = dial_in.result()
+            reason = str(channel.peer_info.get("fallback_reason", "grpc failed"))
+            factory.fell_back(instance.instance_id, channel, [reason])
+            return channel
+        if dialing in done:
+            error = dialing.exception()
+            assert error is not None
+            raise InstanceStartFailed(
+                f"instance {instance.instance_id} could not be reached over gRPC: "
+                f"{error}"
+            ) from error
+        if handle.exited.done():
+            raise InstanceStartFailed(
+                f"instance {instance.instance_id} exited before connecting"
+            )
+        raise InstanceStartFailed(
+            f"instance {instance.instance_id} did not connect within {timeout:g} s"
+        )
 
     def _bootstrap(self, spec: ArtifactSpec) -> bytes:
         if spec.kind is ArtifactKind.CALLABLE:
