@@ -70,6 +70,8 @@ class Wire:
         self._start = 0
         self._end = 0
         self._lock = threading.Lock()
+        self.holding = False
+        self._held: list[bytes] = []
 
     def read(self) -> Message | None:
         """Return the next message, or None when the peer closed the connection."""
@@ -103,7 +105,29 @@ class Wire:
     def write(self, message: Message) -> None:
         data = frame(message, self.max_frame)
         with self._lock:
-            self.sock.sendall(data)
+            if self.holding:
+                self._held.append(data)
+            else:
+                self.sock.sendall(data)
+
+    def buffered_frame(self) -> bool:
+        """Whether a whole frame is already buffered (no read would block)."""
+        have = self._end - self._start
+        if have < LENGTH.size:
+            return False
+        (length,) = LENGTH.unpack_from(self._buffer, self._start)
+        return have >= LENGTH.size + length
+
+    def hold(self) -> None:
+        """Keep replies back until :meth:`flush`, to send them in one call."""
+        self.holding = True
+
+    def flush(self) -> None:
+        with self._lock:
+            self.holding = False
+            held, self._held = self._held, []
+            if held:
+                self.sock.sendall(b"".join(held))
 
 
 def connect(env: dict[str, str]) -> socket.socket:
@@ -211,6 +235,7 @@ class Server:
         self.cancelled = 0
         self.pool: Any = None
         self.threads: dict[int, int] = {}  # request id -> worker thread ident
+        self.batch = wire if isinstance(wire, Wire) else None
         if concurrency > 1 or threaded:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -223,17 +248,24 @@ class Server:
             raise _Cancelled()
 
     def serve(self) -> int:
+        batch = self.batch
         try:
             while True:
+                if batch is not None and batch.holding and not batch.buffered_frame():
+                    batch.flush()  # nothing more queued: send what was held back
                 message = self.wire.read()
                 if message is None:
                     return EXIT_NO_HOST
                 kind = message.type
                 if kind is MessageType.EXECUTE_REQUEST:
-                    if self.pool is None:
+                    if self.pool is not None:
+                        self.pool.submit(self.execute, message)
+                    elif batch is not None and batch.buffered_frame():
+                        # More requests are waiting: answer them all at once.
+                        batch.hold()
                         self.execute(message)
                     else:
-                        self.pool.submit(self.execute, message)
+                        self.execute(message)
                 elif kind is MessageType.HEARTBEAT:
                     if not message.header("reply"):
                         self.wire.write(

@@ -49,6 +49,10 @@ from spear_nb.runtime.zygote import Zygote
 logger = logging.getLogger(__name__)
 
 STDERR_TAIL = 2000
+# register(..., pipeline=True): up to max_concurrency calls in flight to one
+# instance, run one after another on its main thread (cheapest per call for quick
+# functions); without it they run in a thread pool of that size.
+PROCESS_OPTIONS = frozenset({"pipeline"})
 
 
 @dataclasses.dataclass(eq=False)
@@ -125,6 +129,12 @@ class ProcessRuntime(Runtime):
     # -- registration ------------------------------------------------------------
 
     def validate(self, spec: ArtifactSpec) -> None:
+        unknown = sorted(set(dict(spec.options)) - PROCESS_OPTIONS)
+        if unknown:
+            raise InvalidSpec(
+                f"the process runtime has no option {', '.join(map(repr, unknown))}; "
+                f"its options are {', '.join(sorted(PROCESS_OPTIONS))}"
+            )
         if spec.kind is ArtifactKind.COMMAND:
             if not spec.command:
                 raise InvalidSpec("a command needs at least the program to run")
@@ -299,7 +309,10 @@ class ProcessRuntime(Runtime):
                 "SPEAR_MAX_FRAME": str(self.context.config.max_frame_size),
                 "SPEAR_HOST_PID": str(os.getpid()),
                 "SPEAR_HEARTBEAT": str(self.context.config.heartbeat_interval),
-                "SPEAR_CONCURRENCY": str(instance.capacity),
+                # Pipelined calls share one thread in the instance, in order.
+                "SPEAR_CONCURRENCY": (
+                    "1" if spec.option("pipeline") else str(instance.capacity)
+                ),
                 "PYTHONUNBUFFERED": "1",
             }
         )
