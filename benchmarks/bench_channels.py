@@ -1,0 +1,238 @@
+"""The same trivial function over every channel type, next to raw baselines.
+
+    python benchmarks/bench_channels.py [--calls N] [--json PATH]
+
+In one run:
+- warm invoke latency (median, p99) over unix, tcp and grpc (process runtime,
+  ``channel=`` override) and memory (a WASM reactor, the runtime that uses it);
+- the raw baselines: blocking Unix-socket echo, asyncio Unix-socket echo (streams),
+  grpc.aio bidirectional-stream ping-pong, all with a 100-byte payload;
+- throughput of the async API with 64 calls in flight on one unix channel, with
+  the calls pipelined in the instance and with a thread pool there;
+- bytes per second for 1 MiB and 16 MiB payloads per channel type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+
+import spear_nb
+from spear_nb import samples
+from spear_nb.communication._grpc import spear_pb2, spear_pb2_grpc
+
+PAYLOAD = b"x" * 100
+
+
+def echo(x: Any) -> Any:
+    return x
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "median_us": statistics.median(ordered) * 1e6,
+        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
+    }
+
+
+async def timed_async(call: Callable[[], Awaitable[Any]], n: int) -> dict[str, float]:
+    for _ in range(50):
+        await call()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await call()
+        samples.append(time.perf_counter() - start)
+    return summarize(samples)
+
+
+def blocking_echo(n: int) -> dict[str, float]:
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        while data := theirs.recv(65536):
+            theirs.sendall(data)
+        os._exit(0)
+    theirs.close()
+    samples = []
+    for i in range(n + 50):
+        start = time.perf_counter()
+        ours.sendall(PAYLOAD)
+        ours.recv(65536)
+        if i >= 50:
+            samples.append(time.perf_counter() - start)
+    ours.close()
+    os.waitpid(pid, 0)
+    return summarize(samples)
+
+
+def asyncio_echo(n: int) -> dict[str, float]:
+    async def main() -> dict[str, float]:
+        path = os.path.join(tempfile.mkdtemp(), "echo.sock")
+
+        async def handle(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_unix_server(handle, path)
+        reader, writer = await asyncio.open_unix_connection(path)
+
+        async def once() -> None:
+            writer.write(PAYLOAD)
+            await reader.readexactly(len(PAYLOAD))
+
+        result = await timed_async(once, n)
+        writer.close()
+        server.close()
+        os.unlink(path)
+        return result
+
+    return asyncio.run(main())
+
+
+class _Echo(spear_pb2_grpc.AgentServicer):
+    async def Connect(self, request_iterator: Any, context: Any) -> Any:
+        async for frame in request_iterator:
+            yield frame
+
+
+def grpc_pingpong(n: int) -> dict[str, float]:
+    async def main() -> dict[str, float]:
+        server = grpc.aio.server()
+        spear_pb2_grpc.add_AgentServicer_to_server(_Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = spear_pb2_grpc.AgentStub(channel).Connect()
+
+        async def once() -> None:
+            await call.write(spear_pb2.Frame(body=PAYLOAD))
+            await call.read()
+
+        result = await timed_async(once, n)
+        await call.done_writing()
+        await channel.close()
+        await server.stop(None)
+        return result
+
+    return asyncio.run(main())
+
+
+def spear_latency(session: spear_nb.Session, name: str, n: int) -> dict[str, float]:
+    session.invoke(name, PAYLOAD)
+
+    async def on_loop() -> dict[str, float]:
+        return await timed_async(lambda: session._invoke(name, (PAYLOAD,), {}), n)
+
+    return session._loop.run(on_loop())
+
+
+def spear_sync(session: spear_nb.Session, name: str, n: int) -> dict[str, float]:
+    samples = []
+    for i in range(n + 50):
+        start = time.perf_counter()
+        session.invoke(name, PAYLOAD)
+        if i >= 50:
+            samples.append(time.perf_counter() - start)
+    return summarize(samples)
+
+
+def throughput(session: spear_nb.Session, name: str, n: int = 20000) -> float:
+    async def run() -> float:
+        limit = asyncio.Semaphore(64)
+
+        async def one(i: int) -> Any:
+            async with limit:
+                return await session._invoke(name, (i,), {})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return n / (time.perf_counter() - start)
+
+    session.invoke(name, 0)
+    return session._loop.run(run())
+
+
+def bandwidth(
+    session: spear_nb.Session, name: str, size: int, rounds: int = 5
+) -> float:
+    payload = os.urandom(size)
+    session.invoke(name, payload)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        session.invoke(name, payload)
+    # Each call moves the payload there and back.
+    return 2 * size * rounds / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--json", default="")
+    args = parser.parse_args()
+    n = args.calls
+    results: dict[str, Any] = {
+        "raw_blocking_unix_echo": blocking_echo(n),
+        "raw_asyncio_unix_echo": asyncio_echo(n),
+        "raw_grpc_bidi_pingpong": grpc_pingpong(n),
+    }
+    with spear_nb.Session() as s:
+        for kind in ("unix", "tcp", "grpc"):
+            s.register(f"echo_{kind}", echo, channel=kind)
+            results[f"spear_{kind}_async"] = spear_latency(s, f"echo_{kind}", n)
+            results[f"spear_{kind}_sync"] = spear_sync(s, f"echo_{kind}", n)
+        try:
+            s.register("echo_memory", wasm=samples.path("wasm", "upper.wat"))
+        except (spear_nb.SpearError, FileNotFoundError) as exc:
+            results["spear_memory_async"] = {"error": str(exc)}
+        else:
+            results["spear_memory_async"] = spear_latency(s, "echo_memory", n)
+            results["spear_memory_sync"] = spear_sync(s, "echo_memory", n)
+        s.register("tput_pipelined", echo, max_concurrency=64, pipeline=True)
+        s.register("tput_threads", echo, max_concurrency=64)
+        results["throughput_64_pipelined_per_s"] = throughput(s, "tput_pipelined")
+        results["throughput_64_threads_per_s"] = throughput(s, "tput_threads")
+        for kind in ("unix", "tcp", "grpc"):
+            for size in (1 << 20, 16 << 20):
+                key = f"bandwidth_{kind}_{size >> 20}MiB_MB_per_s"
+                results[key] = bandwidth(s, f"echo_{kind}", size) / 1e6
+
+    print(f"{'path':<28}{'median':>10}{'p99':>10}")
+    for key, value in results.items():
+        if isinstance(value, dict) and "median_us" in value:
+            print(f"{key:<28}{value['median_us']:>8.0f}us{value['p99_us']:>8.0f}us")
+        elif isinstance(value, float):
+            print(f"{key:<40}{value:>12.0f}")
+    unix = results["spear_unix_async"]["median_us"]
+    grpc_ours = results["spear_grpc_async"]["median_us"]
+    print(
+        f"unix vs blocking echo: {unix / results['raw_blocking_unix_echo']['median_us']:.2f}x"
+    )
+    print(
+        f"grpc vs raw grpc ping-pong: "
+        f"{grpc_ours / results['raw_grpc_bidi_pingpong']['median_us']:.2f}x"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
