@@ -11,6 +11,7 @@ channels; bytes count payload bytes, since no envelope is ever encoded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Protocol
 
@@ -60,10 +61,8 @@ class MemoryChannel(Channel):
 
     def reply(self, message: Message) -> None:
         """Send a response to the host; safe to call from any thread."""
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits
             self._loop.call_soon_threadsafe(self._arrived, message)
-        except RuntimeError:
-            pass  # the session's loop is closed: nobody waits for this any more
 
     def _arrived(self, message: Message) -> None:
         if self.state is ChannelState.CONNECTED:
