@@ -36,6 +36,7 @@ class SessionConfig:
     execution_log_size: int = 10_000
     python: str = ""  # interpreter for process instances; "" means sys.executable
     start_method: str = "fork"  # "fork": from a warm zygote; "spawn": a new python
+    cache_dir: str = ""  # compiled WASM modules; "" means $SPEAR_NB_CACHE or ~/.cache
 
     def __post_init__(self) -> None:
         positive = (

@@ -44,7 +44,7 @@ from spear_nb.execution.model import (
 )
 from spear_nb.execution.spec import build_settings, build_spec, check_name, name_of
 from spear_nb.notebook import display, frames
-from spear_nb.runtime.base import RuntimeContext, RuntimeManager
+from spear_nb.runtime.base import Runtime, RuntimeContext, RuntimeManager
 from spear_nb.runtime.process import ProcessRuntime
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,10 @@ class Session:
         context = RuntimeContext(
             self.config, factory, events, self._workdir, self._watchdog, self.session_id
         )
-        runtimes = RuntimeManager(context, {RuntimeType.PROCESS: ProcessRuntime})
+        runtimes = RuntimeManager(
+            context,
+            {RuntimeType.PROCESS: ProcessRuntime, RuntimeType.WASM: _wasm_runtime},
+        )
         factory.start_heartbeats(
             self.config.heartbeat_interval, self.config.heartbeat_misses
         )
@@ -540,6 +543,13 @@ class FunctionInfo:
             f"<function {self.name!r}: {self.kind} on {self.runtime}, "
             f"task {self.task_id}, artifact {self.artifact_id}>"
         )
+
+
+def _wasm_runtime(context: RuntimeContext) -> Runtime:
+    # Imported on first use: wasmtime loads a large library, and may be missing.
+    from spear_nb.runtime.wasm import WasmRuntime
+
+    return WasmRuntime(context)
 
 
 def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
