@@ -162,7 +162,7 @@ def _wasm_bytes(wasm: str | bytes | os.PathLike[str]) -> bytes:
     if isinstance(wasm, bytes):
         return wasm
     text = os.fspath(wasm)
-    if isinstance(text, str) and text.lstrip().startswith("("):
+    if isinstance(text, str) and text.lstrip().startswith(("(", ";;")):
         return text.encode()  # WAT given inline
     try:
         with open(text, "rb") as f:
