@@ -45,6 +45,7 @@ from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.errors import (
     CommandFailed,
     ConfigurationError,
+    ExecutionCancelled,
     ExecutionTimeout,
     InstanceCrashed,
     InstanceStartFailed,
@@ -164,7 +165,7 @@ class CompiledModule:
     flavour: Flavour
     convention: Convention
     uses_wasi: bool
-    exports: frozenset[str]
+    exports: dict[str, Any]  # name -> wasmtime type
     source: str  # "compiled" or "disk cache"
 
 
@@ -374,8 +375,8 @@ _OPTIONAL_EXPORTS: dict[str, Signature] = {
 }
 
 
-def _convention(module: wasmtime.Module, wanted: Convention | None) -> Convention:
-    exports = {item.name: item.type for item in module.exports}
+def _convention(exports: dict[str, Any], wanted: Convention | None) -> Convention:
+    """The convention a module follows, checked against its exports' types."""
     if wanted is None:
         if "spear_handle" in exports:
             wanted = Convention.REACTOR
@@ -628,16 +629,24 @@ class EpochTicker:
         self._running = 0
         self._sleeping = True
         self._longest = 0
+        self._closed = False
         self._thread: threading.Thread | None = None
 
     def add(self, engine: wasmtime.Engine) -> None:
         with self._lock:
             self.engines.append(engine)
 
-    def enter(self, seconds: float) -> int:
-        """A guest starts running: return its deadline in ticks from now."""
+    def enter(self, store: wasmtime.Store, seconds: float) -> None:
+        """A guest is about to run in ``store``: give it a deadline ``seconds`` away.
+
+        Under the lock, so that :meth:`interrupt_all` reaches every deadline set
+        before it, and no guest starts after it.
+        """
         ticks = math.ceil(seconds / TICK) + 1
         with self._lock:
+            if self._closed:
+                raise ExecutionCancelled("the session is closing; the call did not run")
+            store.set_epoch_deadline(ticks)
             self._running += 1
             if ticks > self._longest:
                 self._longest = ticks
@@ -649,7 +658,6 @@ class EpochTicker:
                     )
                     self._thread.start()
                 self._wake.set()
-        return ticks
 
     def leave(self) -> None:
         with self._lock:
@@ -675,12 +683,15 @@ class EpochTicker:
             self.ticks += 1
 
     def interrupt_all(self) -> None:
-        """Move every engine past every deadline set so far (at close)."""
+        """Move every engine past every deadline set so far, and refuse new guests.
+
+        Called at close: it ends every running guest within a tick.
+        """
         with self._lock:
-            longest = self._longest
-        for engine in self.engines:
-            for _ in range(longest + 1):
-                engine.increment_epoch()
+            self._closed = True
+            for engine in self.engines:
+                for _ in range(self._longest + 1):
+                    engine.increment_epoch()
 
     def close(self) -> None:
         self._stopping.set()
@@ -806,10 +817,9 @@ class WasmHandle:
         self.logs = []
         store = self._new_store(for_call=False)
         self.store = store
-        ticks = self.ticker.enter(seconds)
+        self.ticker.enter(store, seconds)
         self.busy = True
         try:
-            store.set_epoch_deadline(ticks)
             instance = self.compiled.pre.instantiate(store)
             if "_initialize" in self.compiled.exports:
                 init = instance.exports(store)["_initialize"]
@@ -892,10 +902,9 @@ class WasmHandle:
             raise InstanceCrashed(
                 f"instance {self.instance_id} has no live WebAssembly instance"
             )
-        ticks = self.ticker.enter(timeout)
+        self.ticker.enter(store, timeout)
         self.busy = True
         try:
-            store.set_epoch_deadline(ticks)
             if self.limits.fuel is not None:
                 store.set_fuel(self.limits.fuel)
             size = len(payload)
@@ -951,12 +960,15 @@ class WasmHandle:
         wasi.argv = [self.name]
         wasi.env = [list(pair) for pair in self.env]
         store = self._new_store(for_call=True)
-        ticks = self.ticker.enter(timeout)
+        try:
+            self.ticker.enter(store, timeout)
+        except ExecutionCancelled:
+            store.close()
+            raise
         self.busy = True
         code = 0
         try:
             store.set_wasi(wasi)
-            store.set_epoch_deadline(ticks)
             instance = self.compiled.pre.instantiate(store)
             start = instance.exports(store)["_start"]
             assert isinstance(start, wasmtime.Func)
@@ -1021,9 +1033,12 @@ class WasmHandle:
         if cap is None:
             return text
         used = self.exports.size() if self.exports is not None else self.memory_bytes
+        limit = f"memory_limit_mb of {cap / 2**20:g} MiB"
         if "memory limits" in text or used + PAGE > cap:
-            text += f" (the guest reached its memory_limit_mb of {cap / 2**20:g} MiB)"
-        return text
+            return f"{text} (the guest reached its {limit})"
+        # memory.grow past the cap returns -1, which guests often answer with a
+        # trap; a grow of several pages fails while the memory is below the cap
+        return f"{text} (memory in use: {used // 1024} KiB of its {limit})"
 
 
 def _memory_size(store: wasmtime.Store, instance: wasmtime.Instance) -> int:
@@ -1071,7 +1086,8 @@ class WasmRuntime(Runtime):
         self.cache = ModuleCache(cache_directory(context.config.cache_dir))
         self.ticker = EpochTicker(f"spear_nb-wasm-epoch-{context.session_id}")
         self._flavours: dict[bool, Flavour] = {}
-        self._modules: dict[tuple[str, bool], CompiledModule] = {}
+        # (content hash, fuel, convention asked for) -> compiled module
+        self._modules: dict[tuple[str, bool, Convention | None], CompiledModule] = {}
         self._handles: set[WasmHandle] = set()
 
     # -- registration -----------------------------------------------------------------
@@ -1102,10 +1118,9 @@ class WasmRuntime(Runtime):
         limits = Limits.of(spec)
         fuel = limits.fuel is not None
         digest = hashlib.sha256(spec.code).hexdigest()
-        known = self._modules.get((digest, fuel))
+        key = (digest, fuel, limits.convention)
+        known = self._modules.get(key)
         if known is not None:
-            if limits.convention not in (None, known.convention):
-                _convention(known.module, limits.convention)
             return known
         flavour = self._flavour(fuel)
         started = time.perf_counter()
@@ -1121,14 +1136,14 @@ class WasmRuntime(Runtime):
                 ) from exc
             source = "compiled"
         uses_wasi = _check_imports(module)
-        convention = _convention(module, limits.convention)
+        exports = {item.name: item.type for item in module.exports}
+        convention = _convention(exports, limits.convention)
         try:
             pre = flavour.linker.instantiate_pre(module)
         except wasmtime.WasmtimeError as exc:
             raise InvalidSpec(
                 f"the module's imports cannot be linked: {_first_line(exc)}"
             ) from exc
-        exports = frozenset(item.name for item in module.exports)
         compiled = CompiledModule(
             digest, module, pre, flavour, convention, uses_wasi, exports, source
         )
@@ -1143,7 +1158,7 @@ class WasmRuntime(Runtime):
                 f"{convention.value} module {digest[:12]} loaded from the disk cache"
             )
             self.context.events.emit("module_loaded", started, detail=detail)
-        self._modules[(digest, fuel)] = compiled
+        self._modules[key] = compiled
         return compiled
 
     # -- start and stop ---------------------------------------------------------------
@@ -1202,8 +1217,7 @@ class WasmRuntime(Runtime):
 
     async def close(self) -> None:
         handles = list(self._handles)
-        if any(h.busy for h in handles):
-            self.ticker.interrupt_all()
+        self.ticker.interrupt_all()
         for handle in handles:
             handle.stop()
         pending = [h.exited for h in handles if not h.exited.done()]
@@ -1212,6 +1226,22 @@ class WasmRuntime(Runtime):
         for handle in handles:
             handle.thread.join(timeout=1.0)
         self.ticker.close()
+        if any(h.thread.is_alive() for h in handles):
+            logger.warning("a WebAssembly worker thread did not end; leaving it be")
+            return
+        self._release()
+
+    def _release(self) -> None:
+        """Free the compiled modules and engines now (their memory images hold
+        file descriptors) rather than whenever the session is collected."""
+        modules, self._modules = list(self._modules.values()), {}
+        for compiled in modules:
+            compiled.pre.close()
+            compiled.module.close()
+        flavours, self._flavours = list(self._flavours.values()), {}
+        for flavour in flavours:
+            flavour.linker.close()
+            flavour.engine.close()
 
     async def health_check(self, instance: TaskInstance) -> bool:
         handle = instance.handle
