@@ -864,7 +864,11 @@ class WasmHandle:
         logs.append(text)
 
     def _serve(self, channel: MemoryChannel, message: Message) -> None:
-        """Run one call and answer it on the channel."""
+        """Run one call and answer it on the channel; answer heartbeats."""
+        if message.type is not MessageType.EXECUTE_REQUEST:
+            if message.type is MessageType.HEARTBEAT:
+                channel.reply(Message(MessageType.HEARTBEAT, 0))
+            return  # close and signals need nothing: the host stops the worker
         self.logs = []
         rid = message.request_id
         headers = message.headers or {}

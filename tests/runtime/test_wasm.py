@@ -17,6 +17,7 @@ import wasmtime
 
 import spear_nb
 from spear_nb import samples
+from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.runtime import wasm as wasm_runtime
 from tests._support import rows
 
@@ -522,6 +523,25 @@ def test_warm_reuse_over_one_memory_channel(s) -> None:
     executions = s.executions()
     assert set(executions["status"]) == {"succeeded"}
     assert executions["new_instance"].sum() == 1
+
+
+def test_heartbeats_are_answered_and_never_run_the_guest(cache) -> None:
+    with new_session(cache, heartbeat_interval=3600) as session:
+        session.register("upper", wasm=UPPER)
+        session.invoke("upper", b"first")
+        channel = session._manager.factory.pooled("upper-1")
+        assert channel is not None
+
+        async def beat() -> None:
+            channel.send(Message(MessageType.HEARTBEAT, 0))
+
+        session._loop.run(beat())
+        # the instance answers in order: the heartbeat before this call
+        assert session.invoke("upper", b"second") == b"SECOND"
+        row = rows(session.channels(), instance_id="upper-1").iloc[0]
+        assert row["heartbeats_sent"] == row["heartbeats_received"] == 1
+        assert row["messages_sent"] == row["messages_received"] == 2
+        assert session.inspect("upper-1")["calls"] == 2
 
 
 def test_calls_from_several_threads(s) -> None:
