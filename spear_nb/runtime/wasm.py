@@ -736,7 +736,8 @@ class WasmHandle:
         self.exports: PublicExports | None = None
         self.logs: list[str] = []
         self.limit = 0.0  # the timeout of the running call, for messages
-        self.busy = False
+        self._gate = threading.Lock()  # orders starting a call against cancelling it
+        self._running: Message | None = None
         self.broken = ""
         self.calls = 0
         self.memory_bytes = 0
@@ -818,7 +819,6 @@ class WasmHandle:
         store = self._new_store(for_call=False)
         self.store = store
         self.ticker.enter(store, seconds)
-        self.busy = True
         try:
             instance = self.compiled.pre.instantiate(store)
             if "_initialize" in self.compiled.exports:
@@ -836,7 +836,6 @@ class WasmHandle:
                 f"instance {self.instance_id} could not be instantiated: {reason}"
             ) from exc
         finally:
-            self.busy = False
             self.ticker.leave()
         return self.logs
 
@@ -869,12 +868,22 @@ class WasmHandle:
             if message.type is MessageType.HEARTBEAT:
                 channel.reply(Message(MessageType.HEARTBEAT, 0))
             return  # close and signals need nothing: the host stops the worker
-        self.logs = []
         rid = message.request_id
         headers = message.headers or {}
-        timeout = headers.get("timeout", 300.0)
-        self.limit = headers.get("limit", timeout)
+        with self._gate:
+            if headers.get("cancelled"):
+                return
+            self._running = message
+        self.logs = []
+        self.limit = headers.get("limit", 300.0)
+        timeout = headers.get("deadline", time.monotonic() + self.limit)
+        timeout -= time.monotonic()
         try:
+            if timeout <= 0:
+                raise ExecutionTimeout(
+                    f"the call on instance {self.instance_id} waited past its "
+                    f"timeout of {self.limit:g} s before it could start"
+                )
             if self.compiled.convention is Convention.REACTOR:
                 result = self._call_reactor(message.payload, timeout)
             else:
@@ -895,9 +904,19 @@ class WasmHandle:
             return
         finally:
             self.calls += 1
+            self._running = None
         logs = self.logs
         reply_headers = {"logs": logs} if logs else None
         channel.reply(Message(MessageType.EXECUTE_RESPONSE, rid, result, reply_headers))
+
+    def cancel(self, message: Message) -> bool:
+        """Drop a call that has not started (from the loop); True if it runs."""
+        with self._gate:
+            if self._running is message:
+                return True
+            if message.headers is not None:
+                message.headers["cancelled"] = True
+            return False
 
     def _call_reactor(self, payload: bytes, timeout: float) -> bytes:
         exports = self.exports
@@ -907,7 +926,6 @@ class WasmHandle:
                 f"instance {self.instance_id} has no live WebAssembly instance"
             )
         self.ticker.enter(store, timeout)
-        self.busy = True
         try:
             if self.limits.fuel is not None:
                 store.set_fuel(self.limits.fuel)
@@ -929,7 +947,6 @@ class WasmHandle:
             self.broken = _first_line(exc)
             raise self._translate(exc, timeout) from exc
         finally:
-            self.busy = False
             self.ticker.leave()
 
     def _result(self, exports: PublicExports, packed: int) -> bytes:
@@ -969,7 +986,6 @@ class WasmHandle:
         except ExecutionCancelled:
             store.close()
             raise
-        self.busy = True
         code = 0
         try:
             store.set_wasi(wasi)
@@ -984,7 +1000,6 @@ class WasmHandle:
         except (wasmtime.WasmtimeError, wasmtime.Trap) as exc:
             raise self._translate(exc, timeout) from exc
         finally:
-            self.busy = False
             self.ticker.leave()
             store.close()  # never let a store with custom output outlive the call
         tail = stderr.value().decode("utf-8", "replace").rstrip()
@@ -1274,11 +1289,12 @@ class WasmRuntime(Runtime):
                 f"frame size of {max_frame}"
             )
         limit = request.timeout or instance.task.settings.timeout
+        deadline = time.monotonic() + timeout
         message = Message(
             MessageType.EXECUTE_REQUEST,
             0,
             payload,
-            {"timeout": timeout, "limit": limit},
+            {"deadline": deadline, "limit": limit},
         )
         future = channel.start_request(message)
         rid = message.request_id
@@ -1289,10 +1305,10 @@ class WasmRuntime(Runtime):
         try:
             reply = await future
         except asyncio.CancelledError:
-            self._abandon(instance, "a cancelled call may still be running in it")
+            self._abandon(instance, message, "a cancelled call is still running in it")
             raise
         except ExecutionTimeout:
-            self._abandon(instance, "a call did not end at its deadline")
+            self._abandon(instance, message, "a call did not end at its deadline")
             raise
         finally:
             timer.cancel()
@@ -1311,9 +1327,14 @@ class WasmRuntime(Runtime):
             self.context.on_instance_lost(instance, handle.broken)
         raise error
 
-    def _abandon(self, instance: TaskInstance, reason: str) -> None:
+    def _abandon(self, instance: TaskInstance, message: Message, reason: str) -> None:
+        """Nobody waits for the call any more: drop it, or replace its instance.
+
+        A guest cannot be stopped from outside its store before its deadline, so
+        an instance whose call already runs is taken out of service.
+        """
         handle = instance.handle
-        if isinstance(handle, WasmHandle) and handle.busy:
+        if isinstance(handle, WasmHandle) and handle.cancel(message):
             handle.broken = reason
             self.context.on_instance_lost(instance, reason)
 

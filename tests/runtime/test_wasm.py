@@ -3,6 +3,7 @@ cache, limits, host imports, warm reuse, threads, and every fault of issue 4."""
 
 from __future__ import annotations
 
+import asyncio
 import glob
 import logging
 import os
@@ -406,6 +407,38 @@ def test_long_guest_does_not_freeze_the_session_and_close_interrupts_it(
     assert closing < 10  # the guest had 60 s left: close interrupted it
     with pytest.raises(spear_nb.SpearError):
         handle.result(timeout=10)
+
+
+def test_cancelling_a_running_call_replaces_the_instance(s) -> None:
+    s.register("spin", wasm=SPIN, timeout=30)
+    s.register("upper", wasm=UPPER)
+    handle = s.submit("spin", b"")
+    for i in range(20):  # meanwhile the guest has long started spinning
+        assert s.invoke("upper", f"{i}") == f"{i}".encode()
+    assert handle.cancel()
+    with pytest.raises(spear_nb.ExecutionCancelled):
+        handle.result(timeout=10)
+    spin = rows(s.instances(), instance_id="spin-1").iloc[0]
+    assert spin["status"] in ("failed", "stopped")
+    assert "cancelled call is still running" in spin["failure"]
+    assert s.invoke("upper", b"fine") == b"FINE"
+
+
+def test_cancelling_a_queued_call_drops_it(s) -> None:
+    # two calls on one instance: the second waits in the instance's inbox
+    s.register("spin", wasm=SPIN, timeout=0.5, max_instances=1, max_concurrency=2)
+
+    async def scenario() -> None:
+        first = await s.asubmit("spin", b"")
+        second = await s.asubmit("spin", b"")
+        assert second.cancel()
+        with pytest.raises(spear_nb.ExecutionCancelled):
+            await second
+        with pytest.raises(spear_nb.ExecutionTimeout):
+            await first
+
+    asyncio.run(scenario())
+    assert s.inspect("spin-1")["calls"] == 1  # the cancelled call never ran
 
 
 # -- host imports ----------------------------------------------------------------------
