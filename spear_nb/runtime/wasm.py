@@ -602,11 +602,13 @@ def _set_stdin(wasi: wasmtime.WasiConfig, payload: bytes, workdir: str) -> None:
         _ffi.wasm_byte_vec_new(ctypes.byref(vec), len(payload), data)
         _ffi.wasi_config_set_stdin_bytes(wasi.ptr(), ctypes.byref(vec))
         return
-    fd, path = tempfile.mkstemp(dir=workdir, suffix=".stdin")  # pragma: no cover
-    with os.fdopen(fd, "wb") as f:  # pragma: no cover
-        f.write(payload)
-    wasi.stdin_file = path  # pragma: no cover
-    os.unlink(path)  # pragma: no cover - wasmtime has opened it
+    fd, path = tempfile.mkstemp(dir=workdir, suffix=".stdin")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        wasi.stdin_file = path  # opened here, so the name can go at once
+    finally:
+        os.unlink(path)
 
 
 # -- the epoch ticker ----------------------------------------------------------------

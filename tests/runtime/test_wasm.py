@@ -603,7 +603,10 @@ def test_calls_from_several_threads(s) -> None:
 
 def test_public_api_call_path(cache, monkeypatch) -> None:
     monkeypatch.setattr(wasm_runtime, "FAST_CALLS", False)
+    monkeypatch.setattr(wasm_runtime, "_ffi", None)  # stdin through a file too
     with new_session(cache) as session:
+        session.register("wordfreq", wasm=WORDFREQ)
+        assert session.invoke("wordfreq", b"b a b").splitlines() == [b"2 b", b"1 a"]
         session.register("upper", wasm=UPPER)
         for _ in range(10):
             assert session.invoke("upper", b"slow path") == b"SLOW PATH"
