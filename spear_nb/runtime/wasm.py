@@ -818,7 +818,12 @@ class WasmHandle:
     def instantiate(self, seconds: float) -> list[str]:
         """Make the warm reactor instance; return what it logged meanwhile."""
         self.logs = []
-        store = self._new_store(for_call=False)
+        try:
+            store = self._new_store(for_call=False)
+        except wasmtime.WasmtimeError as exc:
+            raise InstanceStartFailed(
+                f"instance {self.instance_id} could not get a store: {_first_line(exc)}"
+            ) from exc
         self.store = store
         self.ticker.enter(store, seconds)
         try:
@@ -976,13 +981,16 @@ class WasmHandle:
     def _call_command(self, payload: bytes, timeout: float) -> bytes:
         stdout = _Output(self.max_frame)
         stderr = _Output(STDERR_TAIL, keep_tail=True)
-        wasi = wasmtime.WasiConfig()
-        _set_stdin(wasi, payload, self.workdir)
-        wasi.stdout_custom = stdout.write
-        wasi.stderr_custom = stderr.write
-        wasi.argv = [self.name]
-        wasi.env = [list(pair) for pair in self.env]
-        store = self._new_store(for_call=True)
+        try:
+            wasi = wasmtime.WasiConfig()
+            _set_stdin(wasi, payload, self.workdir)
+            wasi.stdout_custom = stdout.write
+            wasi.stderr_custom = stderr.write
+            wasi.argv = [self.name]
+            wasi.env = [list(pair) for pair in self.env]
+            store = self._new_store(for_call=True)
+        except wasmtime.WasmtimeError as exc:
+            raise self._translate(exc, timeout) from exc
         try:
             self.ticker.enter(store, timeout)
         except ExecutionCancelled:
@@ -1129,7 +1137,12 @@ class WasmRuntime(Runtime):
     def _flavour(self, fuel: bool) -> Flavour:
         flavour = self._flavours.get(fuel)
         if flavour is None:
-            flavour = Flavour(fuel)
+            try:
+                flavour = Flavour(fuel)
+            except wasmtime.WasmtimeError as exc:
+                raise ConfigurationError(
+                    f"wasmtime could not make an engine: {_first_line(exc)}"
+                ) from exc
             self._flavours[fuel] = flavour
             self.ticker.add(flavour.engine)
         return flavour
