@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "ChannelError",
+    "ClusterError",
     "CommandFailed",
     "ConfigurationError",
     "ExecutionCancelled",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from spear_nb.errors import (
         AuthenticationFailed,
         ChannelError,
+        ClusterError,
         CommandFailed,
         ConfigurationError,
         ExecutionCancelled,

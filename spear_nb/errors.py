@@ -16,7 +16,8 @@ original kept as ``__cause__``::
     │   └── AuthenticationFailed    a peer presented a wrong or missing secret
     ├── InstanceError               an instance could not be created, started or kept
     │   ├── InstanceStartFailed     it did not start or did not connect in time
-    │   └── InstanceCrashed         it died while serving a call
+    │   ├── InstanceCrashed         it died while serving a call
+    │   └── ClusterError            the Kubernetes API refused a request or is unreachable
     └── ExecutionError              a call did not produce a result
         ├── RemoteError             the function raised; carries the remote traceback
         ├── CommandFailed           a command exited non-zero; carries code and stderr
@@ -29,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationFailed",
     "ChannelError",
+    "ClusterError",
     "CommandFailed",
     "ConfigurationError",
     "ExecutionCancelled",
@@ -101,6 +103,19 @@ class InstanceStartFailed(InstanceError):
 
 class InstanceCrashed(InstanceError):
     """An instance died while it was serving a call."""
+
+
+class ClusterError(InstanceError):
+    """The Kubernetes API server refused a request, or could not be reached.
+
+    ``status`` is the HTTP status it answered (403, 404, 422, ...; 0 when it could
+    not be reached) and ``reason`` its reason word (``Forbidden``, ``NotFound``).
+    """
+
+    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
 
 
 class ExecutionError(SpearError):
