@@ -37,6 +37,11 @@ class SessionConfig:
     python: str = ""  # interpreter for process instances; "" means sys.executable
     start_method: str = "fork"  # "fork": from a warm zygote; "spawn": a new python
     cache_dir: str = ""  # compiled WASM modules; "" means $SPEAR_NB_CACHE or ~/.cache
+    # kubernetes runtime: "" means $KUBECONFIG or ~/.kube/config, else in-cluster
+    kubeconfig: str = ""
+    kube_context: str = ""  # "" means the kubeconfig's current context
+    kube_namespace: str = ""  # "" means the context's namespace, else "default"
+    kube_port_forward: bool = False  # reach pods through the API server's port-forward
 
     def __post_init__(self) -> None:
         positive = (

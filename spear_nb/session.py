@@ -107,7 +107,11 @@ class Session:
         )
         runtimes = RuntimeManager(
             context,
-            {RuntimeType.PROCESS: ProcessRuntime, RuntimeType.WASM: _wasm_runtime},
+            {
+                RuntimeType.PROCESS: ProcessRuntime,
+                RuntimeType.WASM: _wasm_runtime,
+                RuntimeType.KUBERNETES: _kubernetes_runtime,
+            },
         )
         factory.start_heartbeats(
             self.config.heartbeat_interval, self.config.heartbeat_misses
@@ -402,6 +406,10 @@ class Session:
         """Details of a function, task, instance or execution, by name or id."""
 
         async def look() -> display.Inspection:
+            instance = self._manager.instances.get(name_or_id)
+            if instance is not None:
+                runtime = self._manager.runtimes.get(instance.task.runtime)
+                await runtime.refresh_instance(instance)
             return display.inspect(self._manager, name_or_id)
 
         return self._run(look())
@@ -550,6 +558,13 @@ def _wasm_runtime(context: RuntimeContext) -> Runtime:
     from spear_nb.runtime.wasm import WasmRuntime
 
     return WasmRuntime(context)
+
+
+def _kubernetes_runtime(context: RuntimeContext) -> Runtime:
+    # Imported on first use: most sessions never create a pod.
+    from spear_nb.runtime.kubernetes import KubernetesRuntime
+
+    return KubernetesRuntime(context)
 
 
 def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:

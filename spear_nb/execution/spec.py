@@ -77,12 +77,15 @@ def build_spec(
             f"unknown channel type {channel!r}; use one of {', '.join(CHANNEL_TYPES)}"
         )
     runtime_type = _runtime(runtime, wasm is not None, image is not None)
+    all_options = dict(options or {})
+    if image is not None and chosen:
+        all_options["image"] = image  # the container a callable or handler runs in
     common: dict[str, Any] = {
         "runtime": runtime_type,
         "env": env_items,
         "cwd": cwd_text,
         "channel": channel or "",
-        "options": tuple(sorted((options or {}).items())),
+        "options": tuple(sorted(all_options.items())),
     }
     if fn is not None:
         if not callable(fn):

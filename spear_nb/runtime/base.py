@@ -83,6 +83,9 @@ class Runtime(abc.ABC):
         """Details for ``Session.inspect`` (logs and the like)."""
         return self.describe_instance(instance)
 
+    async def refresh_instance(self, instance: TaskInstance) -> None:  # noqa: B027
+        """Fetch, off the loop, what :meth:`inspect_instance` shows (pod logs)."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Release what the runtime holds beyond its instances."""
 
