@@ -61,6 +61,9 @@ class ExecutionHandle:
                 try:
                     return self._future.result(timeout=WAIT_SLICE)
                 except concurrent.futures.TimeoutError:
+                    # The call's own ExecutionTimeout is a TimeoutError too.
+                    if self._future.done():
+                        raise
                     waited += WAIT_SLICE
                     if timeout is not None and waited >= timeout:
                         raise TimeoutError(

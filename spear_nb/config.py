@@ -58,11 +58,28 @@ class SessionConfig:
             "event_log_size",
             "execution_log_size",
         )
-        for name in positive:
-            value = getattr(self, name)
-            if value <= 0:
+        whole = {
+            "max_instances_per_task",
+            "max_concurrency_per_instance",
+            "health_check_failures",
+            "heartbeat_misses",
+            "max_frame_size",
+            "event_log_size",
+            "execution_log_size",
+            "max_queue",
+        }
+        for name in (*positive, "stop_grace", "max_queue"):
+            value: float = getattr(self, name)
+            kinds: tuple[type, ...] = (int,) if name in whole else (int, float)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                kind = "an integer" if name in whole else "a number"
                 raise ConfigurationError(
-                    f"SessionConfig.{name} must be positive, got {value!r}"
+                    f"SessionConfig.{name} must be {kind}, got {value!r}"
+                )
+            if value < 0 or (value == 0 and name in positive):
+                bound = "positive" if name in positive else "zero or more"
+                raise ConfigurationError(
+                    f"SessionConfig.{name} must be {bound}, got {value!r}"
                 )
         if self.queue_policy not in {p.value for p in QueuePolicy}:
             raise ConfigurationError(

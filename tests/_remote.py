@@ -102,3 +102,15 @@ REPORT_FROM_STDIN = (
     "c = socket.create_connection(('127.0.0.1', int(sys.stdin.read())));"
     "c.sendall(f'{os.getpid()}\\n'.encode()); c.close(); time.sleep(30)"
 )
+
+
+def count_up(n):
+    for i in range(n):
+        yield i * i
+
+
+def numbers(limit=None):
+    i = 0
+    while limit is None or i < limit:
+        yield i
+        i += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Callable
@@ -51,10 +52,8 @@ class ReadySignal:
 
     def release(self) -> None:
         for conn in self._conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.sendall(b"g")
-            except OSError:
-                pass
 
     def close(self) -> None:
         for conn in self._conns:
@@ -125,12 +124,12 @@ def all_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     """Wait for the processes to exit; return the pids still alive."""
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout)
-    return [p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return [
+        p.pid for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def rows(df: Any, **where: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -64,10 +65,8 @@ def _suspect_threads(before: set[threading.Thread]) -> list[threading.Thread]:
 def _describe_fds() -> list[str]:
     out = []
     for fd in sorted(os.listdir("/proc/self/fd"), key=int):
-        try:
+        with contextlib.suppress(OSError):
             out.append(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
-        except OSError:
-            pass
     return out
 
 
@@ -97,10 +96,8 @@ def leak_check() -> Iterator[None]:
                 described.append(f"{p.pid} {p.cmdline()}")
             except psutil.Error:
                 described.append(str(p.pid))
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(alive, timeout=5)
         problems.append(f"child processes left: {described}")
 

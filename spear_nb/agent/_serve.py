@@ -34,6 +34,7 @@ from spear_nb.communication.protocol import (
     frame,
     unpack,
 )
+from spear_nb.errors import PayloadTooLarge
 
 _OK = {"status": "ok"}
 _CANCELLED = {"status": "cancelled"}
@@ -317,9 +318,16 @@ class Server:
         except Exception as exc:
             reply = error_reply(rid, exc)
         try:
-            self.wire.write(reply)
+            self.send_reply(reply)
         except _Cancelled:  # a late cancel signal while replying
+            self.send_reply(reply)
+
+    def send_reply(self, reply: Message) -> None:
+        """Send a reply; one too large to send becomes an error reply instead."""
+        try:
             self.wire.write(reply)
+        except PayloadTooLarge as exc:
+            self.wire.write(error_reply(reply.request_id, exc))
 
     def stream(self, rid: int, result: Any) -> int:
         """Send each item of an iterator as a stream chunk; return the count."""
@@ -345,10 +353,14 @@ def dumps(value: Any) -> bytes:
 
 def error_reply(rid: int, exc: BaseException) -> Message:
     """An execute response that carries an exception and its traceback."""
+    try:
+        message = str(exc)
+    except Exception:  # an exception whose __str__ fails still gets reported
+        message = f"<{type(exc).__qualname__}: str() failed>"
     body = msgpack.packb(
         {
             "type": type(exc).__qualname__,
-            "message": str(exc),
+            "message": message,
             "traceback": "".join(traceback.format_exception(exc)),
         },
         use_bin_type=True,

@@ -58,8 +58,12 @@ def _child(request: dict[str, Any], keep: list[int]) -> int:
     cwd = request.get("cwd") or ""
     if cwd:
         os.chdir(cwd)
-        if cwd not in sys.path:
-            sys.path.insert(0, cwd)
+    # A new interpreter would build sys.path from PYTHONPATH; a fork must do it.
+    extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    for entry in reversed([cwd, *extra] if cwd else extra):
+        if entry in sys.path:
+            sys.path.remove(entry)
+        sys.path.insert(0, entry)
     importlib.invalidate_caches()
     return _serve.run()
 

@@ -79,7 +79,8 @@ class EventLog:
     def __init__(self, maxlen: int = 10_000) -> None:
         self._events: deque[Entry] = deque(maxlen=maxlen)
         self._seq = itertools.count(1)
-        self._listeners: list[Callable[[Entry], None]] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self._execution_listeners: list[Callable[[Execution], None]] = []
         # Wall-clock time of perf_counter's zero, so events carry wall times cheaply.
         self._offset = time.time() - time.perf_counter()
 
@@ -117,17 +118,28 @@ class EventLog:
         for _ in range(len(PHASES) - 1):
             next(self._seq)
         self._events.append(execution)
-        for listener in self._listeners:
+        for listener in self._execution_listeners:
             listener(execution)
 
     def note(self, phase: str, detail: str, **ids: str) -> Event:
         """Record an instant lifecycle event (no duration)."""
         return self.emit(phase, time.perf_counter(), detail=detail, **ids)
 
-    def subscribe(self, listener: Callable[[Entry], None]) -> Callable[[], None]:
-        """Call ``listener(entry)`` for each new entry; returns the unsubscribe."""
+    def subscribe(self, listener: Callable[[Event], None]) -> Callable[[], None]:
+        """Call ``listener(event)`` for each new lifecycle event.
+
+        Returns the function that unsubscribes. Executions, whose phase events
+        are built lazily, are announced through :meth:`subscribe_executions`.
+        """
         self._listeners.append(listener)
         return lambda: self._listeners.remove(listener)
+
+    def subscribe_executions(
+        self, listener: Callable[[Execution], None]
+    ) -> Callable[[], None]:
+        """Call ``listener(execution)`` when an execution is logged."""
+        self._execution_listeners.append(listener)
+        return lambda: self._execution_listeners.remove(listener)
 
     def __iter__(self) -> Iterator[Event]:
         for entry in list(self._events):

@@ -81,6 +81,7 @@ class TaskExecutionManager:
         self.executions: deque[Execution] = deque(maxlen=config.execution_log_size)
         self._execution_numbers = itertools.count(1)
         self._task_numbers: dict[str, itertools.count[int]] = {}
+        self._instance_numbers: dict[str, itertools.count[int]] = {}
         self._schedulers: dict[str, Scheduler] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._running: set[asyncio.Task[Any]] = set()
@@ -115,6 +116,9 @@ class TaskExecutionManager:
         number = next(numbers)
         task_id = name if number == 1 else f"{name}#{number}"
         task = Task(task_id, name, artifact, settings)
+        task._instance_numbers = self._instance_numbers.setdefault(
+            name, itertools.count(1)
+        )
         self.tasks[task_id] = task
         self._schedulers[task_id] = Scheduler(settings.scheduler)
         self._waiters[task_id] = deque()
@@ -181,6 +185,7 @@ class TaskExecutionManager:
         settings_timeout = task.settings.timeout
         timeout = request.timeout if request.timeout is not None else settings_timeout
         started = execution.started
+        execution.timeout = timeout
         current = asyncio.current_task()
         if current is not None:
             self._running.add(current)

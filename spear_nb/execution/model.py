@@ -177,6 +177,8 @@ class Task:
     metrics: Metrics = dataclasses.field(default_factory=Metrics)
     starting: int = 0  # instances being created right now
     created_at: float = dataclasses.field(default_factory=time.time)
+    # Shared by every task of one function name, so that instance ids stay
+    # unique when a name is registered again.
     _instance_numbers: itertools.count[int] = dataclasses.field(
         default_factory=lambda: itertools.count(1), repr=False
     )
@@ -335,6 +337,7 @@ class Execution:
     error: str = ""
     new_instance: bool = False
     channel_type: str = ""
+    timeout: float = 0.0  # the call's timeout as configured, in seconds
     # perf_counter marks: the end of each phase in PHASES order (started is the
     # start of the first); a failed call has fewer.
     marks: list[float] = dataclasses.field(default_factory=list)

@@ -186,9 +186,19 @@ def build_settings(defaults: TaskSettings, **overrides: Any) -> TaskSettings:
                 f"queue_policy must be 'wait' or 'reject', got {policy!r}"
             ) from None
     for key in ("timeout", "idle_timeout", "start_timeout"):
-        if key in given and not given[key] > 0:
-            raise InvalidSpec(f"{key} must be a positive number of seconds")
+        value = given.get(key)
+        if key in given and (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not value > 0
+        ):
+            raise InvalidSpec(
+                f"{key} must be a positive number of seconds, got {value!r}"
+            )
     for key in ("max_instances", "max_concurrency"):
-        if key in given and (not isinstance(given[key], int) or given[key] < 1):
-            raise InvalidSpec(f"{key} must be a positive integer, got {given[key]!r}")
+        value = given.get(key)
+        if key in given and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise InvalidSpec(f"{key} must be a positive integer, got {value!r}")
     return dataclasses.replace(defaults, **given)

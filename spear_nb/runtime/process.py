@@ -469,7 +469,9 @@ class ProcessRuntime(Runtime):
         future = channel.start_request(message, on_stream)
         rid = message.request_id
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(timeout, _expire, future, instance, timeout)
+        timer = loop.call_later(
+            timeout, _expire, future, instance, execution.timeout or timeout
+        )
         try:
             reply = await future
         except asyncio.CancelledError:
@@ -564,7 +566,7 @@ class ProcessRuntime(Runtime):
         self.context.watchdog.tell(f"pgid {process.pid}")
         try:
             stdout, stderr = await asyncio.wait_for(
-                process.communicate(payload), timeout
+                _communicate(process, payload), timeout
             )
         except asyncio.TimeoutError:
             _kill_group(process.pid)
@@ -675,7 +677,42 @@ def _result(reply: Message, instance: TaskInstance) -> Any:
         raise ExecutionCancelled(
             f"the call on instance {instance.instance_id} was cancelled"
         )
-    raise remote_error(reply.payload)
+    error = remote_error(reply.payload)
+    if error.remote_type == "PayloadTooLarge":
+        raise PayloadTooLarge(
+            f"the result of the call on instance {instance.instance_id} is too "
+            f"large to send back: {error.remote_message}"
+        )
+    raise error
+
+
+async def _communicate(
+    process: asyncio.subprocess.Process, payload: bytes
+) -> tuple[bytes, bytes]:
+    """Feed stdin and read stdout and stderr to the end.
+
+    A command may exit without reading its input; writing to its closed stdin is
+    then not an error (``communicate`` can raise there, depending on the loop).
+    """
+    assert process.stdin and process.stdout and process.stderr
+
+    async def feed(stdin: asyncio.StreamWriter) -> None:
+        try:
+            stdin.write(payload)
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            with contextlib.suppress(
+                BrokenPipeError, ConnectionResetError, RuntimeError
+            ):
+                stdin.close()
+
+    stdout, stderr, _ = await asyncio.gather(
+        process.stdout.read(), process.stderr.read(), feed(process.stdin)
+    )
+    await process.wait()
+    return stdout, stderr
 
 
 def _kill_group(pgid: int, sig: signal.Signals = signal.SIGKILL) -> None:

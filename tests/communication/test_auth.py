@@ -86,7 +86,11 @@ def test_missing_secret_is_refused(warm) -> None:
     s, instance_id = warm
     with _dial(_unix_address(s)) as sock:
         sock.sendall(
-            frame(Message(MessageType.AUTH_REQUEST, 0, headers={"instance_id": instance_id}))
+            frame(
+                Message(
+                    MessageType.AUTH_REQUEST, 0, headers={"instance_id": instance_id}
+                )
+            )
         )
         reply = _refusal(sock)
     assert b"wrong secret" in reply.payload

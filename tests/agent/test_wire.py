@@ -1,0 +1,121 @@
+"""The agent's side of the wire, over real socket pairs and a real process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from spear_nb import PayloadTooLarge, ProtocolError
+from spear_nb.agent._serve import AgentError, Wire, authenticate, connect
+from spear_nb.communication.protocol import LENGTH, Message, MessageType, frame
+
+
+@pytest.fixture
+def pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    a.settimeout(30)
+    b.settimeout(30)
+    try:
+        yield a, b
+    finally:
+        a.close()
+        b.close()
+
+
+def test_wire_reads_what_was_written(pair) -> None:
+    a, b = pair
+    sender, receiver = Wire(a, 1 << 20), Wire(b, 1 << 20)
+    sender.write(Message(MessageType.EXECUTE_REQUEST, 1, b"one"))
+    sender.write(Message(MessageType.HEARTBEAT, 2))
+    first, second = receiver.read(), receiver.read()
+    assert (first.type, first.request_id, first.payload) == (
+        MessageType.EXECUTE_REQUEST,
+        1,
+        b"one",
+    )
+    assert (second.type, second.request_id) == (MessageType.HEARTBEAT, 2)
+
+
+def test_wire_reassembles_frames_larger_than_its_buffer(pair) -> None:
+    a, b = pair
+    payload = os.urandom(700 * 1024)  # more than the 256 KiB initial buffer
+    data = frame(Message(MessageType.EXECUTE_RESPONSE, 9, payload), 1 << 22)
+    writer = threading.Thread(target=a.sendall, args=(data,))
+    writer.start()
+    try:
+        message = Wire(b, 1 << 22).read()
+    finally:
+        writer.join()
+    assert message.payload == payload
+
+
+def test_wire_refuses_an_oversized_length_before_the_body(pair) -> None:
+    a, b = pair
+    a.sendall(LENGTH.pack(2048))  # no body follows
+    with pytest.raises(PayloadTooLarge):
+        Wire(b, 1024).read()
+
+
+def test_wire_refuses_garbage(pair) -> None:
+    a, b = pair
+    a.sendall(LENGTH.pack(2) + b"\xc1\xc1")
+    with pytest.raises(ProtocolError):
+        Wire(b, 1024).read()
+
+
+def test_wire_returns_none_when_the_peer_closes(pair) -> None:
+    a, b = pair
+    a.sendall(frame(Message(MessageType.HEARTBEAT, 1))[:5])
+    a.close()
+    assert Wire(b, 1024).read() is None
+
+
+def test_authenticate_reports_a_refusal(pair) -> None:
+    a, b = pair
+    host = Wire(b, 1 << 20)
+    reply = Message(MessageType.AUTH_RESPONSE, 0, b"wrong secret for instance x")
+    reply.headers = {"ok": False}
+    host_reply = threading.Thread(target=lambda: (host.read(), host.write(reply)))
+    host_reply.start()
+    try:
+        with pytest.raises(AgentError, match="refused this instance: wrong secret"):
+            authenticate(
+                Wire(a, 1 << 20), {"SPEAR_INSTANCE_ID": "x", "SPEAR_SECRET": "y"}
+            )
+    finally:
+        host_reply.join()
+
+
+def test_connect_without_an_address_explains_itself() -> None:
+    with pytest.raises(AgentError, match="meant to be started by a spear_nb session"):
+        connect({})
+
+
+def test_agent_started_by_hand_exits_with_a_message() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPEAR_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "spear_nb.agent"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert b"SPEAR_ADDRESS is not set" in done.stderr
+
+
+def test_agent_with_an_unreachable_address_exits(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPEAR_")}
+    env.update({"SPEAR_CHANNEL": "unix", "SPEAR_ADDRESS": str(tmp_path / "none.sock")})
+    done = subprocess.run(
+        [sys.executable, "-m", "spear_nb.agent"],
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert b"cannot reach the host" in done.stderr

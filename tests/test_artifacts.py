@@ -1,0 +1,140 @@
+"""The three kinds of artifact on the process runtime."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import spear_nb
+from tests import _remote
+from tests._support import rows
+
+
+def test_callable(session) -> None:
+    info = session.register("add", _remote.add)
+    assert info.kind == "callable"
+    assert session.invoke("add", 2, 3, scale=2) == 10
+
+
+def test_lambda_and_closure(session) -> None:
+    offset = 100
+    assert session.invoke(lambda x: x + offset, 1) == 101
+
+
+def test_handler_from_a_module_in_cwd(session, tmp_path) -> None:
+    (tmp_path / "spear_test_handlers.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+
+            def shout(text, times=1):
+                return text.upper() * times
+
+            def where():
+                return os.getcwd()
+            """
+        )
+    )
+    info = session.register("shout", handler="spear_test_handlers:shout", cwd=tmp_path)
+    assert info.kind == "handler"
+    assert session.invoke("shout", "hi", times=2) == "HIHI"
+    session.register("where", handler="spear_test_handlers:where", cwd=tmp_path)
+    assert session.invoke("where") == str(tmp_path)
+    assert session.inspect("shout")["target"] == "spear_test_handlers:shout"
+
+
+@pytest.mark.parametrize(
+    "start_method",
+    [
+        pytest.param("fork"),
+        "spawn",
+    ],
+)
+def test_handler_found_through_pythonpath(tmp_path, start_method) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "spear_test_pp.py").write_text("def neg(x):\n    return -x\n")
+    with spear_nb.Session(stop_grace=0.5, start_method=start_method) as s:
+        s.register("neg", handler="spear_test_pp:neg", env={"PYTHONPATH": str(lib)})
+        assert s.invoke("neg", 3) == -3
+
+
+def test_handler_that_cannot_be_imported(session, tmp_path) -> None:
+    session.register("missing", handler="no_such_module_xyz:fn", cwd=tmp_path)
+    with pytest.raises(spear_nb.InstanceStartFailed) as info:
+        session.invoke("missing", 1)
+    assert "no_such_module_xyz" in str(info.value)
+    assert session.invoke(_remote.inc, 1) == 2
+
+
+def test_script_using_the_agent_library(session, tmp_path) -> None:
+    script = tmp_path / "word_service.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            from spear_nb.agent import serve
+
+            def count_words(text):
+                return {"words": len(text.split()), "script": __file__}
+
+            if __name__ == "__main__":
+                serve(count_words)
+            """
+        )
+    )
+    info = session.register("words", script=script)
+    assert info.kind == "script"
+    for _ in range(3):
+        assert session.invoke("words", "one two three") == {
+            "words": 3,
+            "script": str(script),
+        }
+    instances = rows(session.instances(), function="words")
+    assert len(instances) == 1
+    assert instances["requests_total"].tolist() == [3]
+
+
+def test_script_that_does_not_exist(session, tmp_path) -> None:
+    with pytest.raises(spear_nb.InvalidSpec, match="does not exist"):
+        session.register("nope", script=tmp_path / "nope.py")
+
+
+def test_command_bytes_in_bytes_out(session) -> None:
+    info = session.register("wc", command=["wc", "-w"])
+    assert info.kind == "command"
+    assert session.invoke("wc", b"a b c") == b"3\n"
+    assert session.invoke("wc", bytearray(b"one two")) == b"2\n"
+    (row,) = rows(session.instances(), function="wc").to_dict("records")
+    assert row["channel"] == "stdio"
+    assert row["requests_total"] == 2
+
+
+def test_command_str_payload_is_utf8(session) -> None:
+    session.register("bytes", command=["wc", "-c"])
+    assert session.invoke("bytes", "héllo") == b"6\n"  # é is two bytes in UTF-8
+    session.register("cat", command="cat")  # a string is split like a shell would
+    assert session.invoke("cat", "naïve ☃") == "naïve ☃".encode()
+
+
+def test_command_env_and_cwd(session, tmp_path) -> None:
+    session.register(
+        "env",
+        command=[
+            "sh",
+            "-c",
+            'cat >/dev/null; printf "%s %s" "$SPEAR_TEST_VALUE" "$(pwd)"',
+        ],
+        env={"SPEAR_TEST_VALUE": "seen"},
+        cwd=tmp_path,
+    )
+    assert session.invoke("env", b"") == f"seen {tmp_path}".encode()
+
+
+def test_command_takes_exactly_one_bytes_payload(session) -> None:
+    session.register("wc", command=["wc", "-w"])
+    with pytest.raises(spear_nb.InvalidSpec, match="one bytes payload"):
+        session.invoke("wc", b"a", b"b")
+    with pytest.raises(spear_nb.InvalidSpec, match="takes bytes"):
+        session.invoke("wc", 42)
+    assert session.invoke("wc", b"still works") == b"2\n"

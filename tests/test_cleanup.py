@@ -1,0 +1,190 @@
+"""Nothing is left behind: after close, after an unclosed session is dropped, at
+interpreter exit, and when the host is killed with SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import selectors
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+import spear_nb
+from tests import _remote
+from tests._support import ReadySignal, all_gone
+
+
+def _descendants() -> list[int]:
+    return [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+def _read_line(process: subprocess.Popen, timeout: float = 60.0) -> str:
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(process.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout), "the script printed nothing"
+    return process.stdout.readline().decode()
+
+
+def _busy_session(s: spear_nb.Session) -> None:
+    s.register("inc", _remote.inc)
+    s.register("wc", command=["wc", "-w"])
+    s.register("tcp", _remote.double, channel="tcp")
+    assert s.invoke("inc", 1) == 2
+    assert s.invoke("wc", b"a b") == b"2\n"
+    assert s.invoke("tcp", 2) == 4
+
+
+def test_close_leaves_no_process_and_no_socket() -> None:
+    s = spear_nb.Session(stop_grace=0.5)
+    _busy_session(s)
+    workdir = s._workdir
+    assert os.path.exists(os.path.join(workdir, "host.sock"))
+    pids = _descendants()
+    instance_pids = [int(p) for p in s.instances()["pid"].dropna()]
+    assert set(instance_pids) <= set(pids)
+    assert s._watchdog.pid in pids
+    s.close()
+    assert all_gone(pids) == []
+    assert not os.path.exists(workdir)
+    assert s.state.value == "closed"
+
+
+def test_closing_twice_is_fine() -> None:
+    s = spear_nb.Session(stop_grace=0.5)
+    assert s.invoke(_remote.inc, 1) == 2
+    s.close()
+    s.close()
+    assert "closed" in repr(s)
+
+
+def test_a_closed_session_raises_session_closed() -> None:
+    with spear_nb.Session(stop_grace=0.5) as s:
+        s.register("inc", _remote.inc)
+    for use in (
+        lambda: s.invoke("inc", 1),
+        lambda: s.register("other", _remote.inc),
+        lambda: s.instances(),
+        lambda: s.events(),
+        lambda: s.inspect("inc"),
+        lambda: asyncio.run(s.ainvoke("inc", 1)),
+    ):
+        with pytest.raises(spear_nb.SessionClosed, match="closed"):
+            use()
+
+
+def test_async_context_manager() -> None:
+    async def main() -> tuple[int, str]:
+        async with spear_nb.Session(stop_grace=0.5) as s:
+            result = await s.ainvoke(_remote.inc, 1)
+        return result, s.state.value
+
+    assert asyncio.run(main()) == (2, "closed")
+
+
+def test_an_unclosed_session_that_is_dropped_is_cleaned_up() -> None:
+    s = spear_nb.Session(stop_grace=0.5)
+    _busy_session(s)
+    workdir = s._workdir
+    pids = _descendants()
+    del s
+    gc.collect()
+    assert all_gone(pids) == []
+    assert not os.path.exists(workdir)
+
+
+def _run_script(tmp_path, body: str, *args: str) -> subprocess.Popen:
+    script = tmp_path / "host.py"
+    script.write_text(textwrap.dedent(body))
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        cwd=str(tmp_path),
+    )
+
+
+def test_interpreter_exit_without_close_cleans_up(tmp_path) -> None:
+    process = _run_script(
+        tmp_path,
+        """
+        import json, psutil, spear_nb
+        s = spear_nb.Session(stop_grace=0.5)
+        s.register("inc", lambda x: x + 1)
+        s.register("wc", command=["wc", "-w"])
+        assert s.invoke("inc", 1) == 2 and s.invoke("wc", b"a") == b"1\\n"
+        pids = [p.pid for p in psutil.Process().children(recursive=True)]
+        print(json.dumps({"pids": pids, "workdir": s._workdir}), flush=True)
+        # no close(): the exit hook must do it
+        """,
+    )
+    try:
+        info = json.loads(_read_line(process))
+        assert process.wait(60) == 0
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert info["pids"]
+    assert all_gone(info["pids"]) == []
+    assert not os.path.exists(info["workdir"])
+
+
+HOST = """
+import json, sys, threading
+import psutil, spear_nb
+
+port = int(sys.argv[1])
+s = spear_nb.Session(stop_grace=0.5, start_method=sys.argv[2])
+
+def forever(port):
+    import os, socket, time
+    c = socket.create_connection(("127.0.0.1", port))
+    c.sendall(f"{os.getpid()}\\n".encode())
+    c.close()
+    time.sleep(3600)
+
+REPORT = (
+    "import os, socket, sys, time;"
+    "c = socket.create_connection(('127.0.0.1', int(sys.stdin.read())));"
+    "c.sendall(f'{os.getpid()}\\\\n'.encode()); c.close(); time.sleep(3600)"
+)
+s.register("forever", forever)
+s.register("cmd", command=[sys.executable, "-c", REPORT])
+s.register("inc", lambda x: x + 1)
+assert s.invoke("inc", 1) == 2
+for call in (lambda: s.invoke("forever", port), lambda: s.invoke("cmd", str(port))):
+    threading.Thread(target=call, daemon=True).start()
+print(json.dumps({"workdir": s._workdir, "watchdog": s._watchdog.pid}), flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_host_killed_with_sigkill_leaves_nothing(tmp_path, start_method) -> None:
+    ready = ReadySignal()
+    process = _run_script(tmp_path, HOST, str(ready.port), start_method)
+    try:
+        info = json.loads(_read_line(process))
+        running = {ready.wait(60), ready.wait(60)}  # the callable and the command
+        host = psutil.Process(process.pid)
+        pids = {p.pid for p in host.children(recursive=True)} | running
+        assert info["watchdog"] in pids
+        assert os.path.isdir(info["workdir"])
+        process.kill()
+        process.wait(60)
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+        ready.release()
+        ready.close()
+    # The watchdog removes the work directory and then exits: wait for the
+    # processes, then the directory must already be gone.
+    assert all_gone(sorted(pids)) == []
+    assert not os.path.exists(info["workdir"])
