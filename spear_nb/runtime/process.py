@@ -424,6 +424,16 @@ class ProcessRuntime(Runtime):
         self.context.watchdog.tell(f"forget {handle.pid}")
         code = handle.exited.result()
         reason = f"process {handle.pid} {describe_exit(code)}"
+        self.context.events.note(
+            "process_exited",
+            reason,
+            task_id=instance.task.task_id,
+            instance_id=instance.instance_id,
+        )
+        if instance.failure.startswith("its channel was lost"):
+            # The socket broke a moment before the exit was seen; the exit is
+            # the better explanation.
+            instance.failure = reason
         self.context.on_instance_lost(instance, reason)
 
     def _start_failure(self, instance: TaskInstance, exc: SpearError) -> SpearError:
