@@ -36,6 +36,7 @@ from spear_nb.communication.protocol import (
 )
 from spear_nb.errors import PayloadTooLarge
 
+_AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
 _OK = {"status": "ok"}
 _CANCELLED = {"status": "cancelled"}
 
@@ -357,11 +358,20 @@ def error_reply(rid: int, exc: BaseException) -> Message:
         message = str(exc)
     except Exception:  # an exception whose __str__ fails still gets reported
         message = f"<{type(exc).__qualname__}: str() failed>"
+    # The agent's own frames say nothing about the user's code: skip them.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_AGENT_DIR):
+        tb = tb.tb_next
+    frames = [
+        [f.filename, f.lineno or 0, f.name, f.line or ""]
+        for f in traceback.extract_tb(tb)
+    ]
     body = msgpack.packb(
         {
             "type": type(exc).__qualname__,
             "message": message,
-            "traceback": "".join(traceback.format_exception(exc)),
+            "traceback": "".join(traceback.format_exception(type(exc), exc, tb)),
+            "frames": frames,
         },
         use_bin_type=True,
     )

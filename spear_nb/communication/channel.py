@@ -335,10 +335,33 @@ def remote_error(payload: bytes) -> RemoteError:
 
     try:
         info = msgpack.unpackb(payload, raw=False)
-        return RemoteError(
-            str(info.get("type", "Exception")),
-            str(info.get("message", "")),
-            str(info.get("traceback", "")),
-        )
+        kind = str(info.get("type", "Exception"))
+        message = str(info.get("message", ""))
+        text = str(info.get("traceback", ""))
+        frames = info.get("frames")
+        if isinstance(frames, list) and frames:
+            text = _format_frames(frames, kind, message, text)
+        return RemoteError(kind, message, text)
     except Exception:
         return RemoteError("Exception", payload.decode("utf-8", "replace"), "")
+
+
+def _format_frames(frames: list[Any], kind: str, message: str, text: str) -> str:
+    """Format a remote traceback, filling in source lines the instance lacked.
+
+    A function defined in a notebook cell travels without its source, so the
+    instance cannot show its lines; this kernel still has them in linecache.
+    """
+    import linecache
+
+    if all(str(frame[3]) for frame in frames):
+        return text
+    chained, _, _ = text.rpartition("Traceback (most recent call last):")
+    lines = [chained, "Traceback (most recent call last):\n"]
+    for filename, lineno, name, line in frames:
+        lines.append(f'  File "{filename}", line {lineno}, in {name}\n')
+        source = str(line) or linecache.getline(str(filename), int(lineno)).strip()
+        if source:
+            lines.append(f"    {source}\n")
+    lines.append(f"{kind}: {message}\n" if message else f"{kind}\n")
+    return "".join(lines)
