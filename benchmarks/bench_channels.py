@@ -222,9 +222,8 @@ def main() -> None:
             print(f"{key:<40}{value:>12.0f}")
     unix = results["spear_unix_async"]["median_us"]
     grpc_ours = results["spear_grpc_async"]["median_us"]
-    print(
-        f"unix vs blocking echo: {unix / results['raw_blocking_unix_echo']['median_us']:.2f}x"
-    )
+    blocking = results["raw_blocking_unix_echo"]["median_us"]
+    print(f"unix vs blocking echo: {unix / blocking:.2f}x")
     print(
         f"grpc vs raw grpc ping-pong: "
         f"{grpc_ours / results['raw_grpc_bidi_pingpong']['median_us']:.2f}x"

@@ -6,7 +6,10 @@ Measures, on this machine and in this one run:
 - a raw blocking Unix-socket echo of a 100-byte payload between two processes;
 - ``ProcessPoolExecutor.submit(f, x).result()`` on a warm pool;
 - ``Session.invoke`` of the same trivial function on a warm instance (the sync
-  facade), and the same call awaited on the session's own loop;
+  facade), and the same call awaited on the session's own loop (no thread hop);
+
+The warm paths are timed in interleaved rounds so that they all see the same
+machine load.
 - cold start: ``python -c pass``; register -> first result of a new instance in a
   running session; and the first result of a brand-new session;
 - the idle RSS of an agent instance.
@@ -55,47 +58,58 @@ def timed(call: Callable[[], Any], n: int, warmup: int = 50) -> dict[str, float]
     return summarize(samples)
 
 
-def raw_echo(n: int) -> dict[str, float]:
-    """Blocking Unix-socket echo between this process and a forked child."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:
-        ours.close()
-        while True:
-            data = theirs.recv(65536)
-            if not data:
-                os._exit(0)
-            theirs.sendall(data)
-    theirs.close()
-    payload = b"x" * 100
+class RawEcho:
+    """A blocking Unix-socket echo between this process and a forked child."""
 
-    def once() -> None:
-        ours.sendall(payload)
-        ours.recv(65536)
+    def __init__(self) -> None:
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.pid = os.fork()
+        if self.pid == 0:
+            self.ours.close()
+            while data := theirs.recv(65536):
+                theirs.sendall(data)
+            os._exit(0)
+        theirs.close()
 
-    try:
-        return timed(once, n)
-    finally:
-        ours.close()
-        os.waitpid(pid, 0)
+    def call(self) -> None:
+        self.ours.sendall(PAYLOAD)
+        self.ours.recv(65536)
+
+    def close(self) -> None:
+        self.ours.close()
+        os.waitpid(self.pid, 0)
 
 
-def process_pool(n: int) -> dict[str, float]:
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
-        return timed(lambda: pool.submit(inc, 1).result(), n)
+PAYLOAD = b"x" * 100
+
+
+def interleaved(
+    paths: dict[str, Callable[[], Any]], rounds: int, per_round: int
+) -> dict[str, dict[str, float]]:
+    """Time each path in turn, round after round, so all see the same load."""
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    for call in paths.values():
+        for _ in range(50):
+            call()
+    for r in range(rounds):
+        order = list(paths.items())
+        order = order[r % len(order) :] + order[: r % len(order)]
+        for name, call in order:
+            for _ in range(per_round):
+                start = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - start)
+    return {name: summarize(values) for name, values in samples.items()}
 
 
 def python_start(n: int = 15) -> dict[str, float]:
     return timed(lambda: subprocess.run([sys.executable, "-c", "pass"]), n, warmup=2)
 
 
-def spear_warm(session: spear_nb.Session, n: int) -> dict[str, dict[str, float]]:
-    session.register("inc", inc)
-    sync = timed(lambda: session.invoke("inc", 1), n)
+def on_loop(session: spear_nb.Session, n: int) -> dict[str, float]:
+    """The same call awaited on the session's own loop: no thread hop."""
 
-    async def on_loop() -> dict[str, float]:
-        for _ in range(50):
-            await session._invoke("inc", (1,), {})
+    async def run() -> dict[str, float]:
         samples = []
         for _ in range(n):
             start = time.perf_counter()
@@ -103,7 +117,7 @@ def spear_warm(session: spear_nb.Session, n: int) -> dict[str, dict[str, float]]
             samples.append(time.perf_counter() - start)
         return summarize(samples)
 
-    return {"sync_facade": sync, "async_on_loop": session._loop.run(on_loop())}
+    return session._loop.run(run())
 
 
 def spear_cold(session: spear_nb.Session, n: int = 15) -> dict[str, float]:
@@ -145,15 +159,27 @@ def main() -> None:
     args = parser.parse_args()
     n = args.calls
 
-    results: dict[str, Any] = {
-        "raw_unix_echo": raw_echo(n),
-        "process_pool_executor": process_pool(n),
-        "python_c_pass": python_start(),
-    }
-    with spear_nb.Session() as session:
-        results.update({f"spear_{k}": v for k, v in spear_warm(session, n).items()})
+    results: dict[str, Any] = {"python_c_pass": python_start()}
+    echo = RawEcho()
+    with (
+        concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool,
+        spear_nb.Session() as session,
+    ):
+        session.register("inc", inc)
+        warm = interleaved(
+            {
+                "raw_unix_echo": echo.call,
+                "process_pool_executor": lambda: pool.submit(inc, 1).result(),
+                "spear_sync_facade": lambda: session.invoke("inc", 1),
+            },
+            rounds=max(1, n // 200),
+            per_round=200,
+        )
+        results.update(warm)
+        results["spear_async_on_loop"] = on_loop(session, n)
         results["spear_agent_idle_rss_mib"] = agent_rss(session)
         results["spear_cold_new_instance"] = spear_cold(session)
+    echo.close()
     results["spear_cold_new_session"] = fresh_session()
 
     warm = results["spear_sync_facade"]["median_us"]
