@@ -75,6 +75,7 @@ CHANNEL_COLUMNS = [
     "connected_at",
     "last_activity",
     "fallback_from",
+    "reconnects",
 ]
 METRIC_COLUMNS = [
     "function",
@@ -195,9 +196,13 @@ def tasks(manager: TaskExecutionManager) -> pd.DataFrame:
 def channels(manager: TaskExecutionManager) -> pd.DataFrame:
     factory = manager.factory
     rows = []
+    seen: dict[str, int] = {}
     for channel in factory.channels():
         row = channel.describe()
         row["auth_failures"] += factory.auth_failures_for(channel.instance_id)
+        # How many channels this instance had before this one.
+        row["reconnects"] = seen.get(channel.instance_id, 0)
+        seen[channel.instance_id] = row["reconnects"] + 1
         rows.append(row)
     return frame(rows, CHANNEL_COLUMNS)
 
