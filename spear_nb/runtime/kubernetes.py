@@ -45,6 +45,7 @@ from spear_nb.errors import (
     InstanceCrashed,
     InstanceStartFailed,
     InvalidSpec,
+    PayloadTooLarge,
     SpearError,
     describe,
 )
@@ -643,7 +644,7 @@ class KubernetesRuntime(Runtime):
         future = channel.start_request(message, on_stream)
         rid = message.request_id
         timer = asyncio.get_running_loop().call_later(
-            timeout, _expire, future, instance, timeout
+            timeout, _expire, future, instance, execution.timeout or timeout
         )
         try:
             reply = await future
@@ -662,7 +663,13 @@ class KubernetesRuntime(Runtime):
             raise ExecutionCancelled(
                 f"the call on instance {instance.instance_id} was cancelled"
             )
-        raise remote_error(reply.payload)
+        error = remote_error(reply.payload)
+        if error.remote_type == "PayloadTooLarge":
+            raise PayloadTooLarge(
+                f"the result of the call on instance {instance.instance_id} is too "
+                f"large to send back: {error.remote_message}"
+            )
+        raise error
 
     async def _cancel_remote(
         self, instance: TaskInstance, channel: Channel, rid: int

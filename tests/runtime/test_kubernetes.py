@@ -235,6 +235,14 @@ def test_a_timed_out_call_is_cancelled_inside_the_pod(session) -> None:
     assert session.invoke("inc", 1) == 2
 
 
+def test_a_result_larger_than_a_frame_is_refused(kube) -> None:
+    with open_session(kube, max_frame_size=64 * 1024) as s:
+        s.register("make", _remote.make_bytes, image=IMAGE)
+        with pytest.raises(spear_nb.PayloadTooLarge, match="too large to send back"):
+            s.invoke("make", 200_000)
+        assert s.invoke("make", 10) == b"x" * 10  # the pod serves on
+
+
 def test_an_image_artifact_runs_the_image_command(tmp_path) -> None:
     script = tmp_path / "shout.py"
     script.write_text(
