@@ -3,19 +3,20 @@
 The host opens one ``Agent.Connect`` stream; its first frame is the auth request
 carrying the instance id, the secret and the function to load. After that the
 stream carries exactly what a socket channel carries, served by the same
-:class:`~spear_nb.agent._serve.Server`, whose calls always run in a thread pool
-here so that the stream keeps being read (and a cancel can reach a running call).
+:class:`~spear_nb.agent._serve.Server`. The stream is read and written on an
+asyncio loop (grpc.aio); calls run in the server's thread pool, so the stream
+keeps being read while they run and a cancel can reach a running call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import os
-import queue
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from spear_nb.agent._serve import (
@@ -41,22 +42,21 @@ _END = object()
 CONNECT_WAIT = 120.0
 
 
-class StreamWire:
-    """The Wire interface of the agent, over one gRPC stream."""
+class LoopWire:
+    """The Wire interface of the agent over one gRPC stream on an event loop.
 
-    def __init__(self, frames: Iterator[Any], max_frame: int) -> None:
-        self.frames = frames
+    Requests are read on the loop and handed to the server's thread pool; replies
+    may be written from any thread and are queued for the stream on the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_frame: int) -> None:
+        self.loop = loop
         self.max_frame = max_frame
-        self.outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self._loop_thread = threading.get_ident()
 
-    def read(self) -> Message | None:
-        try:
-            frame = next(self.frames)
-        except StopIteration:
-            return None
-        except Exception:  # the stream broke: the host is gone
-            return None
-        return unpack(frame.body)
+    def read(self) -> Message | None:  # the loop reads; the server never calls this
+        raise NotImplementedError
 
     def write(self, message: Message) -> None:
         body = pack(message)
@@ -65,14 +65,14 @@ class StreamWire:
                 f"the {message.type.name.lower()} message is {len(body)} bytes, more "
                 f"than the maximum frame size of {self.max_frame} bytes"
             )
-        self.outbox.put(body)
+        self.put(body)
 
-    def replies(self) -> Iterator[bytes]:
-        while True:
-            body = self.outbox.get()
-            if body is _END:
-                return
-            yield body
+    def put(self, item: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self.outbox.put_nowait(item)
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop has ended
+                self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
 
 
 def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
@@ -80,79 +80,117 @@ def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
     if env.get("SPEAR_GRPC_DISABLED"):
         raise AgentError("gRPC is disabled by SPEAR_GRPC_DISABLED")
     try:
-        from concurrent import futures
-
         import grpc
+        import grpc.aio
 
         from spear_nb.communication._grpc import spear_pb2, spear_pb2_grpc
         from spear_nb.communication.grpc_channel import channel_options
     except ImportError as exc:
         raise AgentError(f"gRPC is not installed here ({exc})") from exc
+    return asyncio.run(
+        _serve(env, script_fn, grpc, spear_pb2, spear_pb2_grpc, channel_options)
+    )
 
+
+async def _serve(
+    env: dict[str, str],
+    script_fn: Callable[..., Any] | None,
+    grpc: Any,
+    spear_pb2: Any,
+    spear_pb2_grpc: Any,
+    channel_options: Callable[[int], list[tuple[str, Any]]],
+) -> int:
     address = env["SPEAR_GRPC_ADDRESS"]
     instance_id = env.get("SPEAR_INSTANCE_ID", "")
     secret = env.get("SPEAR_SECRET", "").encode()
     max_frame = int(env.get("SPEAR_MAX_FRAME", DEFAULT_MAX_FRAME))
     concurrency = int(env.get("SPEAR_CONCURRENCY", "1"))
     interval = float(env.get("SPEAR_HEARTBEAT", "0"))
-    connected = threading.Event()
-    finished = threading.Event()
+    loop = asyncio.get_running_loop()
+    connected = asyncio.Event()
+    finished = asyncio.Event()
     exit_code = [EXIT_OK]
 
+    def refusal(reason: bytes) -> Any:
+        message = Message(MessageType.AUTH_RESPONSE, 0, reason)
+        message.headers = {"ok": False}
+        return spear_pb2.Frame(body=pack(message))
+
     class Agent(spear_pb2_grpc.AgentServicer):
-        def Connect(self, request_iterator: Iterator[Any], context: Any) -> Any:
-            wire = StreamWire(request_iterator, max_frame)
-            first = wire.read()
-            if first is None or first.type is not MessageType.AUTH_REQUEST:
+        async def Connect(self, request_iterator: Any, context: Any) -> Any:
+            try:
+                first_frame = await context.read()
+            except Exception:
+                return
+            if first_frame is grpc.aio.EOF:
+                return
+            first = unpack(first_frame.body)
+            if first.type is not MessageType.AUTH_REQUEST:
                 return
             given = str(first.header("secret", "")).encode()
             if first.header("instance_id") != instance_id or not hmac.compare_digest(
                 given, secret
             ):
-                refusal = Message(MessageType.AUTH_RESPONSE, 0, b"wrong secret")
-                refusal.headers = {"ok": False}
-                yield spear_pb2.Frame(body=pack(refusal))
+                yield refusal(b"wrong secret")
                 return
             if connected.is_set():
-                busy = Message(MessageType.AUTH_RESPONSE, 0, b"already connected")
-                busy.headers = {"ok": False}
-                yield spear_pb2.Frame(body=pack(busy))
+                yield refusal(b"already connected")
                 return
             connected.set()
             accepted = Message(MessageType.AUTH_RESPONSE, first.request_id)
             accepted.headers = {"ok": True}
             yield spear_pb2.Frame(body=pack(accepted))
             try:
-                fn = load_function(first.payload, script_fn)
+                # Loading may import heavy modules: keep the loop answering.
+                fn = await loop.run_in_executor(
+                    None, load_function, first.payload, script_fn
+                )
             except BaseException as exc:  # report any failure to load, then stop
                 failure = error_reply(0, exc)
                 failure.type = MessageType.ERROR
                 yield spear_pb2.Frame(body=pack(failure))
                 finished.set()
                 return
-            wire.write(Message(MessageType.SIGNAL, 0, b"", {"signal": "ready"}))
+            wire = LoopWire(loop, max_frame)
             stop = threading.Event()
             if interval > 0:
                 threading.Thread(
-                    target=heartbeat_forever,
-                    args=(wire, interval, stop),
-                    daemon=True,
+                    target=heartbeat_forever, args=(wire, interval, stop), daemon=True
                 ).start()
+            server = Server(wire, fn, concurrency, threaded=True)
+            yield spear_pb2.Frame(
+                body=pack(Message(MessageType.SIGNAL, 0, b"", {"signal": "ready"}))
+            )
 
-            def run() -> None:
-                server = Server(wire, fn, concurrency, threaded=True)
-                exit_code[0] = server.serve()
+            async def read_all() -> None:
+                code = EXIT_NO_HOST
+                try:
+                    while True:
+                        frame = await context.read()
+                        if frame is grpc.aio.EOF:
+                            break
+                        if server.dispatch(unpack(frame.body)):
+                            code = EXIT_OK
+                            break
+                except Exception:  # the stream broke: the host is gone
+                    pass
+                exit_code[0] = code
+                wire.put(_END)
+
+            reader = loop.create_task(read_all())
+            try:
+                while True:
+                    body = await wire.outbox.get()
+                    if body is _END:
+                        break
+                    yield spear_pb2.Frame(body=body)
+            finally:
                 stop.set()
-                wire.outbox.put(_END)
+                reader.cancel()
+                server.shutdown()
+                finished.set()
 
-            threading.Thread(target=run, name="spear-agent-serve", daemon=True).start()
-            for body in wire.replies():
-                yield spear_pb2.Frame(body=body)
-            finished.set()
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4), options=channel_options(max_frame)
-    )
+    server = grpc.aio.server(options=channel_options(max_frame))
     spear_pb2_grpc.add_AgentServicer_to_server(Agent(), server)
     try:
         port = server.add_insecure_port(address)
@@ -160,14 +198,16 @@ def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
         raise AgentError(f"cannot serve gRPC on {address}: {exc}") from exc
     if port == 0:
         raise AgentError(f"cannot serve gRPC on {address}")
-    server.start()
+    await server.start()
     try:
-        if not connected.wait(CONNECT_WAIT):
+        try:
+            await asyncio.wait_for(connected.wait(), CONNECT_WAIT)
+        except asyncio.TimeoutError:
             print("spear_nb agent: no host connected; exiting", file=sys.stderr)
             return EXIT_NO_HOST
-        finished.wait()
+        await finished.wait()
     finally:
-        server.stop(grace=0.5)
+        await server.stop(0.5)
         if address.startswith("unix:"):
             with contextlib.suppress(OSError):
                 os.unlink(address[len("unix:") :])

@@ -258,29 +258,39 @@ class Server:
                 message = self.wire.read()
                 if message is None:
                     return EXIT_NO_HOST
-                kind = message.type
-                if kind is MessageType.EXECUTE_REQUEST:
-                    if self.pool is not None:
-                        self.pool.submit(self.execute, message)
-                    elif batch is not None and batch.buffered_frame():
-                        # More requests are waiting: answer them all at once.
-                        batch.hold()
-                        self.execute(message)
-                    else:
-                        self.execute(message)
-                elif kind is MessageType.HEARTBEAT:
-                    if not message.header("reply"):
-                        self.wire.write(
-                            Message(MessageType.HEARTBEAT, message.request_id)
-                        )
-                elif kind is MessageType.SIGNAL:
-                    if message.header("signal") == "cancel":
-                        self.cancel_thread(message.request_id)
-                elif kind is MessageType.CLOSE:
+                if (
+                    message.type is MessageType.EXECUTE_REQUEST
+                    and self.pool is None
+                    and batch is not None
+                    and batch.buffered_frame()
+                ):
+                    batch.hold()  # more requests wait: answer them all at once
+                if self.dispatch(message):
                     return EXIT_OK
         finally:
+            self.shutdown()
+
+    def dispatch(self, message: Message) -> bool:
+        """Act on one message from the host; return True when told to stop."""
+        kind = message.type
+        if kind is MessageType.EXECUTE_REQUEST:
             if self.pool is not None:
-                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool.submit(self.execute, message)
+            else:
+                self.execute(message)
+        elif kind is MessageType.HEARTBEAT:
+            if not message.header("reply"):
+                self.wire.write(Message(MessageType.HEARTBEAT, message.request_id))
+        elif kind is MessageType.SIGNAL:
+            if message.header("signal") == "cancel":
+                self.cancel_thread(message.request_id)
+        elif kind is MessageType.CLOSE:
+            return True
+        return False
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
     def cancel_thread(self, rid: int) -> None:
         """Raise _Cancelled in the worker thread running call ``rid``, if any."""
