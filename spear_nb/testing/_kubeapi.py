@@ -104,10 +104,12 @@ class LocalKubeAPI:
     ``fieldRef`` for pod name, namespace, uid, node and IPs), ``PYTHONPATH`` set so
     that this spear_nb imports, and stdout and stderr going to the pod log.
     ``python``/``python3`` run as this interpreter. Every pod gets IP 127.0.0.1, so
-    pods share the host's ports. A pod moves Pending (ContainerCreating) → Running →
-    Ready once its readiness ``tcpSocket`` port (or its first ``containerPort``)
-    accepts connections, or at once if it declares none → Succeeded or Failed with
-    each container's ``terminated`` state (exit code, reason, signal). The restart
+    pods share the host's ports (and a pod listening on 0.0.0.0, as the agent does,
+    listens on every interface of this machine). A pod moves Pending
+    (ContainerCreating) → Running → Ready once its readiness ``tcpSocket`` port (or
+    its first ``containerPort``) accepts connections, or at once if it declares none
+    → Succeeded or Failed with each container's ``terminated`` state (exit code,
+    reason, signal). The restart
     policy is applied (``Always``/``OnFailure`` restart once at once, then with
     CrashLoopBackOff waits of 10 s doubling). Test switches: images named in
     ``unpullable_images`` go ErrImagePull → ImagePullBackOff and stay Pending;
