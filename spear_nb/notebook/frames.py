@@ -136,6 +136,11 @@ def frame(rows: Iterable[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
 
 
 def instances(manager: TaskExecutionManager) -> pd.DataFrame:
+    return frame(instance_rows(manager), INSTANCE_COLUMNS)
+
+
+def instance_rows(manager: TaskExecutionManager) -> list[dict[str, Any]]:
+    """The rows of :func:`instances` as dicts, times as epoch seconds."""
     rows = []
     for instance in manager.instances.values():
         task = instance.task
@@ -168,10 +173,15 @@ def instances(manager: TaskExecutionManager) -> pd.DataFrame:
         )
         row.update(runtime.describe_instance(instance))
         rows.append(row)
-    return frame(rows, INSTANCE_COLUMNS)
+    return rows
 
 
 def tasks(manager: TaskExecutionManager) -> pd.DataFrame:
+    return frame(task_rows(manager), TASK_COLUMNS)
+
+
+def task_rows(manager: TaskExecutionManager) -> list[dict[str, Any]]:
+    """The rows of :func:`tasks` as dicts, times as epoch seconds."""
     rows = []
     for task in manager.tasks.values():
         settings = task.settings
@@ -190,10 +200,15 @@ def tasks(manager: TaskExecutionManager) -> pd.DataFrame:
         }
         row.update(task.metrics.as_row())
         rows.append(row)
-    return frame(rows, TASK_COLUMNS)
+    return rows
 
 
 def channels(manager: TaskExecutionManager) -> pd.DataFrame:
+    return frame(channel_rows(manager), CHANNEL_COLUMNS)
+
+
+def channel_rows(manager: TaskExecutionManager) -> list[dict[str, Any]]:
+    """The rows of :func:`channels` as dicts, times as epoch seconds."""
     factory = manager.factory
     rows = []
     seen: dict[str, int] = {}
@@ -204,7 +219,7 @@ def channels(manager: TaskExecutionManager) -> pd.DataFrame:
         row["reconnects"] = seen.get(channel.instance_id, 0)
         seen[channel.instance_id] = row["reconnects"] + 1
         rows.append(row)
-    return frame(rows, CHANNEL_COLUMNS)
+    return rows
 
 
 def metrics(manager: TaskExecutionManager) -> pd.DataFrame:
