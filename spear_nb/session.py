@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import itertools
 import logging
@@ -13,11 +14,12 @@ from collections.abc import (
     AsyncIterator,
     Callable,
     Coroutine,
+    Iterable,
     Iterator,
     Mapping,
     Sequence,
 )
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
@@ -46,6 +48,11 @@ from spear_nb.execution.spec import build_settings, build_spec, check_name, name
 from spear_nb.notebook import display, frames
 from spear_nb.runtime.base import Runtime, RuntimeContext, RuntimeManager
 from spear_nb.runtime.process import ProcessRuntime
+
+if TYPE_CHECKING:
+    from spear_nb.notebook.dashboard import Dashboard
+    from spear_nb.notebook.snapshot import StaticDashboard
+    from spear_nb.notebook.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -436,6 +443,248 @@ class Session:
         """The registered function names."""
         return sorted(self._manager.functions)
 
+    # -- many calls, timelines and the dashboard ---------------------------------------
+
+    def map(
+        self,
+        function: str | Callable[..., Any],
+        inputs: Iterable[Any],
+        /,
+        *,
+        progress: bool = True,
+        max_in_flight: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Call ``function`` once per input, concurrently; results in input order.
+
+        Each input is the one argument of one call (to pass several, map over
+        tuples and unpack them in the function). At most ``max_in_flight`` calls
+        run at once; by default the function's capacity, ``max_instances`` times
+        ``max_concurrency``, so no call waits in the instance queue. A progress
+        bar (``tqdm.auto``: a widget in notebooks) counts finished calls unless
+        ``progress=False``.
+
+        If a call fails, the calls still running are cancelled (inside their
+        instances), those not started are dropped, and the first error raised is
+        raised here. With ``return_exceptions=True`` every call runs and a failed
+        call's error takes its place in the returned list.
+        """
+        items = list(inputs)
+        bar = self._map_progress(function, len(items), progress)
+        try:
+            return self._run(
+                self._map(function, items, max_in_flight, return_exceptions, bar)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+
+    async def amap(
+        self,
+        function: str | Callable[..., Any],
+        inputs: Iterable[Any],
+        /,
+        *,
+        progress: bool = True,
+        max_in_flight: int | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Coroutine twin of :meth:`map`."""
+        items = list(inputs)
+        bar = self._map_progress(function, len(items), progress)
+        try:
+            return await self._arun(
+                self._map(function, items, max_in_flight, return_exceptions, bar)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @staticmethod
+    def _map_progress(
+        function: str | Callable[..., Any], total: int, progress: bool
+    ) -> Any:
+        if not progress or total == 0:
+            return None
+        from spear_nb.notebook.progress import progress_bar
+
+        name = function if isinstance(function, str) else name_of(function)
+        return progress_bar(name, total)
+
+    async def _map(
+        self,
+        function: str | Callable[..., Any],
+        items: list[Any],
+        max_in_flight: int | None,
+        return_exceptions: bool,
+        bar: Any,
+    ) -> list[Any]:
+        if max_in_flight is not None and (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ConfigurationError(
+                f"max_in_flight must be a positive int, not {max_in_flight!r}"
+            )
+        if not items:
+            return []
+        name = await self._resolve(function)
+        settings = self._manager.function(name).settings
+        limit = max_in_flight or settings.max_instances * settings.max_concurrency
+        results: list[Any] = [None] * len(items)
+        indexes = iter(range(len(items)))
+        failures: list[BaseException] = []
+
+        async def worker() -> None:
+            for index in indexes:
+                if failures:
+                    return
+                try:
+                    request = await self._request(
+                        name, (items[index],), {}, ExecutionMode.SYNC
+                    )
+                    results[index] = await self._manager.submit_execution(request)
+                except Exception as exc:
+                    if not return_exceptions:
+                        failures.append(exc)
+                        raise
+                    results[index] = exc
+                if bar is not None:
+                    bar.update(1)
+
+        workers = [
+            asyncio.get_running_loop().create_task(worker())
+            for _ in range(min(limit, len(items)))
+        ]
+        try:
+            await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # After the first error (or Ctrl-C): cancel the calls still running.
+            for worker_task in workers:
+                worker_task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        if failures:
+            raise failures[0]
+        return results
+
+    def timeline(
+        self,
+        executions: Any = None,
+        /,
+        *,
+        last: int = 10,
+        align: str = "auto",
+    ) -> Timeline:
+        """Draw the five phases of executions as a chart (one bar each).
+
+        ``executions`` is an execution id, an :class:`ExecutionHandle`, a list of
+        them, or a DataFrame with an ``execution_id`` column (a slice of
+        :meth:`executions`); by default the last ``last`` executions. Rows share
+        one clock when the calls overlapped (``align="time"``), else each starts
+        at zero (``"start"``).
+        """
+        return self._run(self._timeline(executions, last, align))
+
+    async def atimeline(
+        self, executions: Any = None, /, *, last: int = 10, align: str = "auto"
+    ) -> Timeline:
+        """Coroutine twin of :meth:`timeline`."""
+        return await self._arun(self._timeline(executions, last, align))
+
+    async def _timeline(self, executions: Any, last: int, align: str) -> Timeline:
+        from spear_nb.notebook.timeline import timeline_of
+
+        log = list(self._manager.executions)
+        if executions is None:
+            return timeline_of(log[-last:] if last > 0 else [], align)
+        if isinstance(executions, pd.DataFrame):
+            keys: list[Any] = executions["execution_id"].tolist()
+        elif isinstance(executions, (str, ExecutionHandle)):
+            keys = [executions]
+        else:
+            keys = list(executions)
+        by_id = {e.execution_id: e for e in log}
+        chosen: list[Execution] = []
+        for key in keys:
+            if isinstance(key, ExecutionHandle):
+                chosen.append(key._execution)
+                continue
+            execution_id = str(getattr(key, "execution_id", key))
+            found = by_id.get(execution_id)
+            if found is None:
+                raise FunctionNotFound(
+                    f"no execution {execution_id!r} in this session's log, which "
+                    f"keeps the last {self.config.execution_log_size}"
+                )
+            chosen.append(found)
+        return timeline_of(chosen, align)
+
+    def dashboard(
+        self, *, interval: float | None = None, widgets: bool = True
+    ) -> Dashboard | StaticDashboard:
+        """The live dashboard of this session, built on first use and reused.
+
+        An ipywidgets view that refreshes itself every ``interval`` seconds (1 by
+        default) from the session's loop, while the kernel is idle or busy:
+        instances, channels, per-function metrics, throughput and latency over
+        time, and the phases of recent executions, with controls to pause,
+        change the interval, scale a function and stop an instance. It stops
+        when it is closed or the session closes. Where ipywidgets is missing (or
+        with ``widgets=False``) a :class:`StaticDashboard` shows the same
+        information as HTML and text, as of the call.
+        """
+        if self.state is not SessionState.OPEN:
+            raise SessionClosed("The session is closed; create a new one.")
+        current = self._live_dashboard()
+        if current is not None and widgets:
+            if interval is not None:
+                current.interval = interval
+            return current
+        live = _dashboard_class() if widgets else None
+        if live is None:
+            from spear_nb.notebook.snapshot import StaticDashboard
+
+            return StaticDashboard(self)
+        self._dashboard = live(self, 1.0 if interval is None else interval)
+        return self._dashboard
+
+    async def adashboard(
+        self, *, interval: float | None = None, widgets: bool = True
+    ) -> Dashboard | StaticDashboard:
+        """Coroutine twin of :meth:`dashboard`."""
+        if self.state is not SessionState.OPEN:
+            raise SessionClosed("The session is closed; create a new one.")
+        current = self._live_dashboard()
+        if current is not None and widgets:
+            if interval is not None:
+                current.interval = interval
+            return current
+        live = _dashboard_class() if widgets else None
+        if live is None:
+            from spear_nb.notebook.snapshot import StaticDashboard
+
+            return await StaticDashboard.acreate(self)
+        self._dashboard = await live.acreate(
+            self, 1.0 if interval is None else interval
+        )
+        return self._dashboard
+
+    def _live_dashboard(self) -> Dashboard | None:
+        current: Dashboard | None = getattr(self, "_dashboard", None)
+        if current is None or current.closed:
+            return None
+        return current
+
+    def _close_dashboard(self) -> None:
+        current = getattr(self, "_dashboard", None)
+        if current is None:
+            return
+        try:
+            current.session_closed()
+        except Exception:
+            logger.warning("the dashboard did not stop cleanly", exc_info=True)
+
     # -- lifecycle -------------------------------------------------------------------
 
     def close(self) -> None:
@@ -449,6 +698,7 @@ class Session:
                 return
             self.state = SessionState.CLOSING
         try:
+            self._close_dashboard()
             if self._loop.on_loop_thread:
                 self._abandon()
                 return
@@ -551,6 +801,16 @@ class FunctionInfo:
             f"<function {self.name!r}: {self.kind} on {self.runtime}, "
             f"task {self.task_id}, artifact {self.artifact_id}>"
         )
+
+
+def _dashboard_class() -> type[Dashboard] | None:
+    """The live dashboard's class, or None where ipywidgets cannot be imported."""
+    try:
+        from spear_nb.notebook.dashboard import Dashboard
+    except ImportError as exc:
+        logger.info("no live dashboard (%s); showing a static one", exc)
+        return None
+    return Dashboard
 
 
 def _wasm_runtime(context: RuntimeContext) -> Runtime:

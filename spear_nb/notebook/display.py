@@ -31,6 +31,12 @@ def render(template: str, **values: Any) -> str:
     return _env.get_template(template).render(**values)
 
 
+def render_macro(template: str, macro: str, **values: Any) -> str:
+    """Call one macro of a template with ``values`` as its single argument."""
+    module = _env.get_template(template).module
+    return str(getattr(module, macro)(values))
+
+
 class Inspection(Mapping[str, Any]):
     """Details of one object of the session, shown as a table in notebooks."""
 
