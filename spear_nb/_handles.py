@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import html
 import queue
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any
@@ -100,12 +99,10 @@ class ExecutionHandle:
         return f"<ExecutionHandle {self.execution_id} {self.function} {self.status}>"
 
     def _repr_html_(self) -> str:
-        return (
-            "<div class='spear-nb'>execution <code>"
-            f"{html.escape(self.execution_id)}</code> of <code>"
-            f"{html.escape(self.function)}</code>: <b>{html.escape(self.status)}</b>"
-            "</div>"
-        )
+        # Imported here: the display layer loads jinja2 and its templates.
+        from spear_nb.notebook.display import execution_html
+
+        return execution_html(self._execution)
 
 
 Starter = Callable[[], Coroutine[Any, Any, tuple[Execution, Coroutine[Any, Any, Any]]]]

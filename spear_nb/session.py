@@ -802,6 +802,9 @@ class FunctionInfo:
             f"task {self.task_id}, artifact {self.artifact_id}>"
         )
 
+    def _repr_html_(self) -> str:
+        return display.function_html(self)
+
 
 def _dashboard_class() -> type[Dashboard] | None:
     """The live dashboard's class, or None where ipywidgets cannot be imported."""

@@ -347,11 +347,11 @@ class Dashboard(ipywidgets.VBox):
 
     def _on_scale_to(self, _: Any) -> None:
         self.scale(
-            self._picked(self.scale_function, "function"), self.scale_count.value
+            self._picked(self.scale_function, "a function"), self.scale_count.value
         )
 
     def _on_step(self, step: int) -> None:
-        name = self._picked(self.scale_function, "function")
+        name = self._picked(self.scale_function, "a function")
         manager = self._session._manager
 
         async def target() -> int:
@@ -366,12 +366,12 @@ class Dashboard(ipywidgets.VBox):
         self._act(run(), lambda count: f"scaled {name} to {count} instance(s)")
 
     def _on_stop_instance(self, _: Any) -> None:
-        self.stop_instance(self._picked(self.stop_picker, "instance"))
+        self.stop_instance(self._picked(self.stop_picker, "an instance"))
 
     @staticmethod
     def _picked(picker: ipywidgets.Dropdown, what: str) -> str:
         if not picker.value:
-            raise ConfigurationError(f"pick a {what} first")
+            raise ConfigurationError(f"choose {what} first")
         return str(picker.value)
 
     def scale(self, name: str, count: int) -> concurrent.futures.Future[Any]:

@@ -11,6 +11,7 @@ import jinja2
 
 from spear_nb.errors import FunctionNotFound
 from spear_nb.execution.manager import TaskExecutionManager
+from spear_nb.execution.model import Execution
 
 if TYPE_CHECKING:
     from spear_nb.session import Session
@@ -40,10 +41,13 @@ def render_macro(template: str, macro: str, **values: Any) -> str:
 class Inspection(Mapping[str, Any]):
     """Details of one object of the session, shown as a table in notebooks."""
 
-    def __init__(self, kind: str, key: str, details: dict[str, Any]) -> None:
+    def __init__(
+        self, kind: str, key: str, details: dict[str, Any], chart: str = ""
+    ) -> None:
         self.kind = kind
         self.key = key
         self._details = details
+        self._chart = chart  # HTML drawn under the table (an execution's phases)
 
     def __getitem__(self, name: str) -> Any:
         return self._details[name]
@@ -65,12 +69,17 @@ class Inspection(Mapping[str, Any]):
 
     def _repr_html_(self) -> str:
         return render(
-            "inspection.html.j2", kind=self.kind, key=self.key, details=self._details
+            "inspection.html.j2",
+            kind=self.kind,
+            key=self.key,
+            details=self._details,
+            chart=self._chart,
         )
 
 
 def inspect(manager: TaskExecutionManager, key: str) -> Inspection:
-    """Find ``key`` among functions, tasks, instances and executions."""
+    """Find ``key`` among functions, tasks, instances, executions, artifacts and
+    channels."""
     if key in manager.functions or key in manager.tasks:
         task = manager.functions.get(key) or manager.tasks[key]
         spec = task.artifact.spec
@@ -107,16 +116,48 @@ def inspect(manager: TaskExecutionManager, key: str) -> Inspection:
         return Inspection("instance", key, details)
     for execution in manager.executions:
         if execution.execution_id == key:
+            from spear_nb.notebook.timeline import phases_of, render_html
+
             details = execution.as_row()
             details["phases"] = [
                 f"{e.phase}: {e.duration * 1e3:.3f} ms {e.detail}".rstrip()
                 for e in manager.events
                 if e.execution_id == key
             ]
-            return Inspection("execution", key, details)
+            chart = render_html([phases_of(execution)], details=False)
+            return Inspection("execution", key, details, chart)
+    artifact = manager.artifacts.get(key)
+    if artifact is not None:
+        spec = artifact.spec
+        details = {
+            "artifact_id": artifact.artifact_id,
+            "runtime": spec.runtime.value,
+            "kind": spec.kind.value,
+            "code_bytes": len(spec.code),
+            "target": spec.target,
+            "command": list(spec.command),
+            "env": dict(spec.env),
+            "cwd": spec.cwd,
+            "channel": spec.channel or "(runtime default)",
+            "options": dict(spec.options),
+            "tasks": [
+                t.task_id for t in manager.tasks.values() if t.artifact is artifact
+            ],
+            "created_at": time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(artifact.created_at)
+            ),
+        }
+        return Inspection("artifact", key, details)
+    for channel in manager.factory.channels():
+        if channel.channel_id == key:
+            details = channel.describe()
+            details["auth_failures"] += manager.factory.auth_failures_for(
+                channel.instance_id
+            )
+            return Inspection("channel", key, details)
     raise FunctionNotFound(
         f"nothing named {key!r} in this session: it is not a function, task, "
-        "instance or execution id"
+        "artifact, instance, channel or execution id"
     )
 
 
@@ -140,4 +181,43 @@ def session_html(session: Session, manager: TaskExecutionManager) -> str:
         live=len(live),
         executions=len(manager.executions),
         now=time.strftime("%H:%M:%S"),
+    )
+
+
+def function_html(info: Any) -> str:
+    """What ``Session.register`` returns, as a small card."""
+    return render(
+        "inspection.html.j2",
+        kind="function",
+        key=info.name,
+        details={
+            "kind": info.kind,
+            "runtime": info.runtime,
+            "task_id": info.task_id,
+            "artifact_id": info.artifact_id,
+        },
+        chart="",
+    )
+
+
+def execution_html(execution: Execution) -> str:
+    """An execution handle: its status and, as far as it got, its phases."""
+    from spear_nb.notebook.timeline import phases_of, render_html
+
+    details: dict[str, Any] = {
+        "function": execution.function,
+        "status": execution.status.value,
+        "mode": execution.mode.value,
+        "instance_id": execution.instance_id or "(not yet chosen)",
+    }
+    if execution.duration is not None:
+        details["duration_ms"] = f"{execution.duration * 1e3:.3f}"
+    if execution.error:
+        details["error"] = execution.error
+    return render(
+        "inspection.html.j2",
+        kind="execution",
+        key=execution.execution_id,
+        details=details,
+        chart=render_html([phases_of(execution)], details=False),
     )
