@@ -189,6 +189,10 @@ class Channel:
             self._ready = asyncio.get_running_loop().create_future()
         return self._ready
 
+    def expect_reply(self, request_id: int, future: asyncio.Future[Message]) -> None:
+        """Route the next response to ``request_id`` into ``future``."""
+        self._pending[request_id] = future
+
     def forget(self, request_id: int) -> None:
         """Stop waiting for a request's response."""
         self._pending.pop(request_id, None)

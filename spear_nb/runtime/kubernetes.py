@@ -24,7 +24,6 @@ import importlib.util
 import json
 import logging
 import math
-import pickle
 import re
 import secrets
 import socket
@@ -35,17 +34,14 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from spear_nb.communication.channel import Channel, remote_error
+from spear_nb.communication.channel import Channel
 from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.errors import (
     ChannelError,
     ClusterError,
-    ExecutionCancelled,
-    ExecutionTimeout,
     InstanceCrashed,
     InstanceStartFailed,
     InvalidSpec,
-    PayloadTooLarge,
     SpearError,
     describe,
 )
@@ -53,12 +49,12 @@ from spear_nb.execution.model import (
     ArtifactKind,
     ArtifactSpec,
     Execution,
-    ExecutionMode,
     InstanceStatus,
     InvokeFunctionRequest,
     RuntimeType,
     TaskInstance,
 )
+from spear_nb.runtime._agentcall import call_agent
 from spear_nb.runtime._kube import (
     GONE_WAIT,
     REQUEST_TIMEOUT,
@@ -76,7 +72,6 @@ from spear_nb.runtime._kube import (
     pod_status_text,
 )
 from spear_nb.runtime.base import Runtime, RuntimeContext
-from spear_nb.runtime.process import dumps_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -630,67 +625,23 @@ class KubernetesRuntime(Runtime):
         timeout: float,
     ) -> Any:
         assert channel is not None
-        stream = request.mode is ExecutionMode.STREAM
-        message = Message(
-            MessageType.EXECUTE_REQUEST,
-            0,
-            dumps_arguments(request.args, request.kwargs),
-            {"mode": "stream"} if stream else None,
-        )
-        on_stream = None
-        on_chunk = request.on_chunk
-        if stream and on_chunk is not None:
-            on_stream = lambda m: on_chunk(pickle.loads(m.payload))  # noqa: E731
-        future = channel.start_request(message, on_stream)
-        rid = message.request_id
-        timer = asyncio.get_running_loop().call_later(
-            timeout, _expire, future, instance, execution.timeout or timeout
-        )
-        try:
-            reply = await future
-        except (asyncio.CancelledError, ExecutionTimeout):
-            await self._cancel_remote(instance, channel, rid)
-            raise
-        except ChannelError as exc:
-            raise self._lost_during_call(instance, exc) from exc
-        finally:
-            timer.cancel()
-            channel.forget(rid)
-        status = reply.header("status")
-        if status == "ok":
-            return pickle.loads(reply.payload)
-        if status == "cancelled":
-            raise ExecutionCancelled(
-                f"the call on instance {instance.instance_id} was cancelled"
-            )
-        error = remote_error(reply.payload)
-        if error.remote_type == "PayloadTooLarge":
-            raise PayloadTooLarge(
-                f"the result of the call on instance {instance.instance_id} is too "
-                f"large to send back: {error.remote_message}"
-            )
-        raise error
 
-    async def _cancel_remote(
-        self, instance: TaskInstance, channel: Channel, rid: int
-    ) -> None:
-        """Ask the agent to interrupt a call; replace the pod if it does not."""
-        if not channel.connected:
-            return
-        with contextlib.suppress(ChannelError):
-            channel.send(Message(MessageType.SIGNAL, rid, b"", {"signal": "cancel"}))
-        confirm: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        channel.forget(rid)
-        channel._pending[rid] = confirm
-        grace = self.context.config.stop_grace
-        try:
-            await asyncio.wait_for(asyncio.shield(confirm), grace)
-        except (asyncio.TimeoutError, ChannelError, asyncio.CancelledError):
-            self.context.on_instance_lost(
-                instance, f"it did not stop a cancelled call within {grace:g} s"
-            )
-        finally:
-            channel.forget(rid)
+        def give_up(reason: str) -> None:
+            self.context.on_instance_lost(instance, reason)
+
+        async def explain(exc: ChannelError) -> SpearError:
+            return self._lost_during_call(instance, exc)
+
+        return await call_agent(
+            instance,
+            channel,
+            request,
+            execution,
+            timeout,
+            self.context.config.stop_grace,
+            explain,
+            give_up,
+        )
 
     def _lost_during_call(
         self, instance: TaskInstance, exc: ChannelError
@@ -978,13 +929,3 @@ def _resources(options: dict[str, Any]) -> dict[str, Any]:
     if limits:
         resources["limits"] = limits
     return resources
-
-
-def _expire(future: asyncio.Future[Message], instance: TaskInstance, t: float) -> None:
-    if not future.done():
-        future.set_exception(
-            ExecutionTimeout(
-                f"the call on instance {instance.instance_id} ran past its timeout "
-                f"of {t:g} s and was cancelled"
-            )
-        )

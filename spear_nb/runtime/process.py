@@ -12,21 +12,18 @@ import contextlib
 import dataclasses
 import logging
 import os
-import pickle
 import signal
 import subprocess
 import sys
 from typing import Any
 
-import cloudpickle
 import msgpack
 
-from spear_nb.communication.channel import Channel, remote_error
+from spear_nb.communication.channel import Channel
 from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.errors import (
     ChannelError,
     CommandFailed,
-    ExecutionCancelled,
     ExecutionTimeout,
     InstanceCrashed,
     InstanceStartFailed,
@@ -38,11 +35,11 @@ from spear_nb.execution.model import (
     ArtifactKind,
     ArtifactSpec,
     Execution,
-    ExecutionMode,
     InvokeFunctionRequest,
     RuntimeType,
     TaskInstance,
 )
+from spear_nb.runtime._agentcall import call_agent
 from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.zygote import Zygote
 
@@ -76,19 +73,6 @@ class CommandHandle:
 
     running: set[asyncio.subprocess.Process] = dataclasses.field(default_factory=set)
     launched: int = 0
-
-
-def dumps_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle call arguments, with cloudpickle for what plain pickle refuses."""
-    try:
-        return pickle.dumps((args, kwargs), protocol=5)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        try:
-            return cloudpickle.dumps((args, kwargs), protocol=5)
-        except Exception as exc:
-            raise InvalidSpec(
-                f"the arguments cannot be pickled to send to the instance: {exc}"
-            ) from exc
 
 
 def read_tail(path: str, limit: int = STDERR_TAIL) -> str:
@@ -465,70 +449,30 @@ class ProcessRuntime(Runtime):
         if isinstance(instance.handle, CommandHandle):
             return await self._run_command(instance, request, timeout)
         assert channel is not None
-        stream = request.mode is ExecutionMode.STREAM
-        message = Message(
-            MessageType.EXECUTE_REQUEST,
-            0,
-            dumps_arguments(request.args, request.kwargs),
-            {"mode": "stream"} if stream else None,
-        )
-        on_chunk = request.on_chunk
-        on_stream = None
-        if stream and on_chunk is not None:
-            on_stream = lambda m: on_chunk(pickle.loads(m.payload))  # noqa: E731
-        future = channel.start_request(message, on_stream)
-        rid = message.request_id
-        loop = asyncio.get_running_loop()
-        timer = loop.call_later(
-            timeout, _expire, future, instance, execution.timeout or timeout
-        )
-        try:
-            reply = await future
-        except asyncio.CancelledError:
-            await self._cancel_remote(instance, channel, rid, future)
-            raise
-        except ExecutionTimeout:
-            await self._cancel_remote(instance, channel, rid, future)
-            raise
-        except ChannelError as exc:
-            raise await self._lost_during_call(instance, exc) from exc
-        finally:
-            timer.cancel()
-            channel.forget(rid)
-        return _result(reply, instance)
-
-    async def _cancel_remote(
-        self,
-        instance: TaskInstance,
-        channel: Channel,
-        rid: int,
-        future: asyncio.Future[Message],
-    ) -> None:
-        """Interrupt a running call and wait for the instance to confirm."""
         handle = instance.handle
         assert isinstance(handle, ProcessHandle)
-        if not channel.connected or handle.exited.done():
-            return
-        with contextlib.suppress(ChannelError):
-            channel.send(Message(MessageType.SIGNAL, rid, b"", {"signal": "cancel"}))
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(handle.pid, signal.SIGUSR1)
-        # A fresh future: the one the timer expired is already done.
-        confirm: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
-        channel.forget(rid)
-        channel._pending[rid] = confirm
-        grace = self.context.config.stop_grace
-        try:
-            await asyncio.wait_for(asyncio.shield(confirm), grace)
-        except (asyncio.TimeoutError, ChannelError, asyncio.CancelledError):
-            logger.warning(
-                "instance %s did not stop a cancelled call within %g s; killing it",
-                instance.instance_id,
-                grace,
-            )
+
+        def interrupt() -> None:
+            # Breaks blocking C calls (sleep, I/O) of a call on the main thread.
+            if not handle.exited.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(handle.pid, signal.SIGUSR1)
+
+        def give_up(reason: str) -> None:
+            logger.warning("%s; killing it", reason)
             self._kill(handle)
-        finally:
-            channel.forget(rid)
+
+        return await call_agent(
+            instance,
+            channel,
+            request,
+            execution,
+            timeout,
+            self.context.config.stop_grace,
+            lambda exc: self._lost_during_call(instance, exc),
+            give_up,
+            interrupt,
+        )
 
     async def _lost_during_call(
         self, instance: TaskInstance, exc: ChannelError
@@ -667,33 +611,6 @@ class ProcessRuntime(Runtime):
         elif isinstance(handle, CommandHandle):
             info["processes_launched"] = handle.launched
         return info
-
-
-def _expire(future: asyncio.Future[Message], instance: TaskInstance, t: float) -> None:
-    if not future.done():
-        future.set_exception(
-            ExecutionTimeout(
-                f"the call on instance {instance.instance_id} ran past its timeout "
-                f"of {t:g} s and was cancelled"
-            )
-        )
-
-
-def _result(reply: Message, instance: TaskInstance) -> Any:
-    status = reply.header("status")
-    if status == "ok":
-        return pickle.loads(reply.payload)
-    if status == "cancelled":
-        raise ExecutionCancelled(
-            f"the call on instance {instance.instance_id} was cancelled"
-        )
-    error = remote_error(reply.payload)
-    if error.remote_type == "PayloadTooLarge":
-        raise PayloadTooLarge(
-            f"the result of the call on instance {instance.instance_id} is too "
-            f"large to send back: {error.remote_message}"
-        )
-    raise error
 
 
 async def _communicate(
