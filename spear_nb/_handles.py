@@ -8,7 +8,7 @@ import queue
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any
 
-from spear_nb._bridge import WAIT_SLICE, LoopThread
+from spear_nb._bridge import CANCEL_GRACE, WAIT_SLICE, LoopThread
 from spear_nb.errors import ExecutionCancelled
 from spear_nb.execution.model import Execution
 
@@ -155,8 +155,10 @@ class ChunkStream:
                     return
                 yield item
         finally:
-            # A consumer that stops early (break, Ctrl-C) cancels the call.
-            self.handle.cancel()
+            # A consumer that stops early (break, Ctrl-C) cancels the call, and
+            # waits for the instance to confirm so that it is free again.
+            if self.handle.cancel():
+                concurrent.futures.wait([self.handle._future], timeout=CANCEL_GRACE)
 
 
 async def chunk_aiter(
@@ -179,4 +181,7 @@ async def chunk_aiter(
                 return
             yield item
     finally:
-        handle.cancel()
+        if handle.cancel():
+            await asyncio.wait(
+                [asyncio.wrap_future(handle._future)], timeout=CANCEL_GRACE
+            )

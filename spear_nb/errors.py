@@ -17,7 +17,7 @@ original kept as ``__cause__``::
     ├── InstanceError               an instance could not be created, started or kept
     │   ├── InstanceStartFailed     it did not start or did not connect in time
     │   ├── InstanceCrashed         it died while serving a call
-    │   └── ClusterError            the Kubernetes API refused a request or is unreachable
+    │   └── ClusterError            the Kubernetes API refused or cannot be reached
     └── ExecutionError              a call did not produce a result
         ├── RemoteError             the function raised; carries the remote traceback
         ├── CommandFailed           a command exited non-zero; carries code and stderr

@@ -381,7 +381,9 @@ class TaskExecutionManager:
             return
         if instance.status is InstanceStatus.STARTING:
             return  # start_instance sees the exit and reports it
-        logger.warning("instance %s lost: %s", instance.instance_id, reason)
+        logger.warning(
+            "instance %s taken out of service: %s", instance.instance_id, reason
+        )
         instance.failure = reason
         instance.health = Health.UNHEALTHY
         instance.move(InstanceStatus.FAILED)
