@@ -152,7 +152,7 @@ class Dashboard(ipywidgets.VBox):
         self.refresh_button.on_click(self._guard("refresh", self._on_refresh))
 
         self.scale_function = ipywidgets.Dropdown(
-            description="scale", layout=ipywidgets.Layout(width="220px")
+            description="scale", layout=ipywidgets.Layout(width="190px")
         )
         self.scale_count = ipywidgets.BoundedIntText(
             value=1, min=0, max=50, layout=ipywidgets.Layout(width="70px")
@@ -172,7 +172,7 @@ class Dashboard(ipywidgets.VBox):
         )
 
         self.stop_picker = ipywidgets.Dropdown(
-            description="instance", layout=ipywidgets.Layout(width="220px")
+            description="instance", layout=ipywidgets.Layout(width="200px")
         )
         self.stop_button = ipywidgets.Button(
             description="Stop", icon="stop", button_style="warning"

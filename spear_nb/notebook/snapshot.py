@@ -305,29 +305,26 @@ PLOT_HEIGHT = 56
 
 
 def sparkline(values: Sequence[float | None], unit: str) -> dict[str, Any]:
-    """Points of one small line plot; gaps (None) split the line."""
+    """Points of one small line plot, newest on the right.
+
+    A period without a value (no call finished, so no latency) is skipped: the
+    line joins the periods on either side of it.
+    """
     known = [v for v in values if v is not None]
     top = max(known, default=0.0)
     top = top if top > 0 else 1.0
     step = (PLOT_WIDTH - 4) / max(1, HISTORY - 1)
     offset = PLOT_WIDTH - 3 - step * (len(values) - 1)
-    lines: list[str] = []
-    current: list[str] = []
-    for index, value in enumerate(values):
-        if value is None:
-            if current:
-                lines.append(" ".join(current))
-            current = []
-            continue
-        x = offset + index * step
-        y = PLOT_HEIGHT - 2 - (value / top) * (PLOT_HEIGHT - 6)
-        current.append(f"{x:.1f},{y:.1f}")
-    if current:
-        lines.append(" ".join(current))
-    last = next((v for v in reversed(values) if v is not None), None)
+    points = [
+        f"{offset + index * step:.1f},"
+        f"{PLOT_HEIGHT - 2 - (value / top) * (PLOT_HEIGHT - 6):.1f}"
+        for index, value in enumerate(values)
+        if value is not None
+    ]
+    last = known[-1] if known else None
     return {
-        "lines": [line for line in lines if " " in line],
-        "dots": [line for line in lines if " " not in line],
+        "lines": [" ".join(points)] if len(points) > 1 else [],
+        "dots": points[-1:],  # the newest value
         "top": f"{ms(top)} {unit}",
         "last": "-" if last is None else f"{ms(last)} {unit}",
     }
