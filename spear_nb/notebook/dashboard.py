@@ -309,8 +309,8 @@ class Dashboard(ipywidgets.VBox):
             picker.options = wanted
             if previous in wanted:
                 picker.value = previous
-            elif not wanted:
-                picker.value = None
+            else:  # the first one, so that a button works without picking
+                picker.value = wanted[0] if wanted else None
 
     # -- controls (called on the kernel's thread) ------------------------------------
 

@@ -255,6 +255,17 @@ def test_dashboard_renders_and_updates_in_jupyterlab(jupyterlab: str) -> None:
             dashboard.screenshot(path=str(OUTPUT / "06-dashboard-after-invoke.png"))
             page.screenshot(path=str(OUTPUT / "06-dashboard-page.png"))
 
+            # The same widget in the dark theme (it uses JupyterLab's variables).
+            page.evaluate(
+                "() => window.jupyterapp.commands.execute("
+                "'apputils:change-theme', {theme: 'JupyterLab Dark'})"
+            )
+            page.wait_for_function(
+                "() => document.body.dataset.jpThemeLight === 'false'",
+                timeout=30_000,
+            )
+            dashboard.screenshot(path=str(OUTPUT / "06-dashboard-dark.png"))
+
             # Close the session (the notebook's last cell), then the kernel.
             page.evaluate(
                 """async (index) => {

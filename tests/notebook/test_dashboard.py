@@ -30,6 +30,8 @@ def test_dashboard_is_a_cached_widget(session, dash) -> None:
     assert dash.interval == 0.5
     with pytest.raises(spear_nb.ConfigurationError):
         dash.interval = 0
+    dash.interval_picker.value = 0.25  # as the front end does
+    assert dash.interval == 0.25
 
 
 def test_values_change_after_invokes_without_being_asked(session, dash) -> None:
@@ -151,7 +153,8 @@ def test_scale_controls(session, dash) -> None:
     session.register("square", _functions.square, max_instances=3)
     dash.refresh()
     assert dash.scale_function.options == ("square",)
-    dash.scale_function.value = "square"
+    assert dash.scale_function.value == "square"  # picked, so buttons just work
+    assert dash.scale_count.max == 3
 
     dash.scale_up.click()
     assert dash.pending is not None and dash.pending.result(timeout=30) == 1
