@@ -11,7 +11,8 @@ messages go out through the IOPub thread's socket, which accepts sends from any
 thread, and messages sent from threads the kernel did not start fall back to the
 shell's parent header (fixed for threads in ipykernel 7.1 after a 7.0 regression).
 The dashboard never writes to stdout or stderr, which would land in whatever cell
-runs at the time; messages go to its own Output widget.
+runs at the time; messages go to its own Output widget. Its failures are logged at
+info level only, below the level Python prints when no logging is configured.
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ class Dashboard(ipywidgets.VBox):
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             assert exc is not None
-            logger.warning("the dashboard stopped refreshing: %s", describe(exc))
+            logger.info("the dashboard stopped refreshing: %s", describe(exc))
             self._message(f"stopped refreshing: {describe(exc)}", error=True)
         if self._activity is not None:
             self._activity.close()
@@ -275,7 +276,7 @@ class Dashboard(ipywidgets.VBox):
             self._apply(snapshot)
             self.refreshes += 1
         except Exception as exc:
-            logger.warning("dashboard refresh failed: %s", describe(exc))
+            logger.info("dashboard refresh failed: %s", describe(exc))
             self._message(f"refresh failed: {describe(exc)}", error=True)
 
     def _show_paused(self) -> None:
@@ -322,7 +323,7 @@ class Dashboard(ipywidgets.VBox):
             try:
                 callback(*args)
             except Exception as exc:
-                logger.warning("dashboard %s failed: %s", what, describe(exc))
+                logger.info("dashboard %s failed: %s", what, describe(exc))
                 self._message(f"{what} failed: {describe(exc)}", error=True)
 
         return guarded
@@ -416,7 +417,7 @@ class Dashboard(ipywidgets.VBox):
             elif f.exception() is not None:
                 exc = f.exception()
                 assert exc is not None
-                logger.warning("dashboard action failed: %s", describe(exc))
+                logger.info("dashboard action failed: %s", describe(exc))
                 self._message(describe(exc), error=True)
             else:
                 self._message(done(f.result()))
