@@ -71,7 +71,9 @@ def build_spec(
             f"or wasm= (got {', '.join(chosen) if chosen else 'none'})"
         )
     env_items = _env(env)
-    cwd_text = os.fspath(cwd) if cwd is not None else ""
+    cwd_text = _path("cwd", cwd) if cwd is not None else ""
+    if image is not None and not isinstance(image, str):
+        raise InvalidSpec(f"image must be a string, got {image!r}")
     if channel is not None and channel not in CHANNEL_TYPES:
         raise InvalidSpec(
             f"unknown channel type {channel!r}; use one of {', '.join(CHANNEL_TYPES)}"
@@ -97,7 +99,7 @@ def build_spec(
             kind=ArtifactKind.CALLABLE, code=pickle_callable(fn), **common
         )
     if command is not None:
-        argv = shlex.split(command) if isinstance(command, str) else list(command)
+        argv = _argv(command)
         if not argv or not all(isinstance(a, str) and a for a in argv):
             raise InvalidSpec(
                 f"command must be a non-empty list of strings, got {command!r}"
@@ -110,7 +112,7 @@ def build_spec(
             )
         return ArtifactSpec(kind=ArtifactKind.HANDLER, target=handler, **common)
     if script is not None:
-        path = os.path.abspath(os.fspath(script))
+        path = os.path.abspath(_path("script", script))
         if not os.path.isfile(path):
             raise InvalidSpec(f"the script {path!r} does not exist")
         return ArtifactSpec(kind=ArtifactKind.SCRIPT, target=path, **common)
@@ -136,6 +138,8 @@ def pickle_callable(fn: Callable[..., Any]) -> bytes:
 def _env(env: Mapping[str, str] | None) -> tuple[tuple[str, str], ...]:
     if env is None:
         return ()
+    if not isinstance(env, Mapping):
+        raise InvalidSpec(f"env must map strings to strings, got {env!r}")
     items = []
     for key, value in env.items():
         if not isinstance(key, str) or not isinstance(value, str) or not key:
@@ -162,16 +166,41 @@ def _runtime(runtime: str | None, is_wasm: bool, is_image: bool) -> RuntimeType:
 
 
 def _wasm_bytes(wasm: str | bytes | os.PathLike[str]) -> bytes:
-    if isinstance(wasm, bytes):
-        return wasm
-    text = os.fspath(wasm)
-    if isinstance(text, str) and text.lstrip().startswith(("(", ";;")):
-        return text.encode()  # WAT given inline
+    if isinstance(wasm, (bytes, bytearray, memoryview)):
+        return bytes(wasm)
+    if isinstance(wasm, str) and wasm.lstrip().startswith(("(", ";;")):
+        return wasm.encode()  # WAT given inline
+    text = _path("wasm", wasm)
     try:
         with open(text, "rb") as f:
             return f.read()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise InvalidSpec(f"cannot read the WASM module {text!r}: {exc}") from exc
+
+
+def _argv(command: str | Sequence[str]) -> list[str]:
+    """The argument vector of a command given as a string or a sequence."""
+    if isinstance(command, str):
+        try:
+            return shlex.split(command)
+        except ValueError as exc:  # an unclosed quote
+            raise InvalidSpec(f"cannot split the command {command!r}: {exc}") from None
+    if not isinstance(command, Sequence):
+        raise InvalidSpec(
+            f"command must be a string or a list of strings, got {command!r}"
+        )
+    return list(command)
+
+
+def _path(what: str, value: object) -> str:
+    """A path argument as text, refusing what is not a path."""
+    try:
+        text = os.fspath(value)  # type: ignore[call-overload]
+    except TypeError:
+        text = None
+    if not isinstance(text, str):
+        raise InvalidSpec(f"{what} must be a path (str), got {value!r}")
+    return text
 
 
 def build_settings(defaults: TaskSettings, **overrides: Any) -> TaskSettings:
