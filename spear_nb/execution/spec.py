@@ -19,6 +19,7 @@ from spear_nb.execution.model import (
     RuntimeType,
     TaskSettings,
 )
+from spear_nb.execution.scheduler import POLICIES
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,62}$")
 CHANNEL_TYPES = ("unix", "tcp", "grpc", "memory")
@@ -214,6 +215,13 @@ def build_settings(defaults: TaskSettings, **overrides: Any) -> TaskSettings:
             raise InvalidSpec(
                 f"queue_policy must be 'wait' or 'reject', got {policy!r}"
             ) from None
+    scheduler = given.get("scheduler")
+    if "scheduler" in given and not (
+        isinstance(scheduler, str) and scheduler in POLICIES
+    ):
+        raise InvalidSpec(
+            f"scheduler must be one of {', '.join(sorted(POLICIES))}, got {scheduler!r}"
+        )
     for key in ("timeout", "idle_timeout", "start_timeout"):
         value = given.get(key)
         if key in given and (
