@@ -199,6 +199,9 @@ async def _serve(
     if port == 0:
         raise AgentError(f"cannot serve gRPC on {address}")
     await server.start()
+    if address.startswith("unix:"):
+        # Owner-only, like the host's socket (the directory is 0700 as well).
+        os.chmod(address[len("unix:") :], 0o600)
     try:
         try:
             await asyncio.wait_for(connected.wait(), CONNECT_WAIT)
