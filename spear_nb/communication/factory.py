@@ -153,8 +153,19 @@ class CommunicationFactory:
     async def _listener(self, kind: str) -> StreamListener:
         async with self._listener_lock:
             existing = self._listeners.get(kind)
-            if existing is not None:
+            if existing is not None and existing.serving:
                 return existing
+            if existing is not None:
+                # Closed, or its socket file was removed or replaced: instances
+                # already connected keep their connections; new ones need a
+                # listener they can reach.
+                logger.warning(
+                    "the %s listener at %s stopped serving; listening again",
+                    kind,
+                    existing.address,
+                )
+                del self._listeners[kind]
+                await existing.close()
             listener = StreamListener(
                 ChannelType(kind), self._authenticate, self.max_frame, self._refused
             )

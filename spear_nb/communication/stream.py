@@ -226,6 +226,7 @@ class StreamListener:
         self.host = "127.0.0.1"
         self.port = 0
         self.accepted = 0
+        self._inode: tuple[int, int] | None = None
 
     def _protocol(self) -> StreamChannel:
         self.accepted += 1
@@ -238,6 +239,8 @@ class StreamListener:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(self._protocol, path, backlog=512)
         os.chmod(path, 0o600)
+        info = os.stat(path)
+        self._inode = (info.st_dev, info.st_ino)
         self.path = path
 
     async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -248,6 +251,14 @@ class StreamListener:
         )
         sock = self._server.sockets[0]
         self.host, self.port = sock.getsockname()[:2]
+
+    @property
+    def serving(self) -> bool:
+        """Whether instances can still dial in: the server is open and, for a
+        Unix socket, its file is still the one this listener made."""
+        if self._server is None or not self._server.is_serving():
+            return False
+        return self.path is None or self._owns_file()
 
     @property
     def address(self) -> str:
@@ -261,10 +272,18 @@ class StreamListener:
         return {"SPEAR_CHANNEL": "tcp", "SPEAR_ADDRESS": f"{self.host}:{self.port}"}
 
     async def close(self) -> None:
-        """Stop listening and remove the socket file."""
+        """Stop listening and remove the socket file (if it is still this one's)."""
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self.path is not None:
+        if self.path is not None and self._owns_file():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
+
+    def _owns_file(self) -> bool:
+        """Whether the file at :attr:`path` is still the socket this listener made."""
+        try:
+            info = os.stat(self.path or "")
+        except OSError:
+            return False
+        return (info.st_dev, info.st_ino) == self._inode
