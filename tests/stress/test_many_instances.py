@@ -1,0 +1,61 @@
+"""200 process instances at once on a 2-core machine, started and stopped twice."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import psutil
+
+import spear_nb
+from tests import _remote
+from tests._support import all_gone
+
+COUNT = 200
+
+
+def test_two_hundred_instances_started_and_stopped_twice() -> None:
+    me = psutil.Process()
+    fds_before = me.num_fds()
+    children_before = {p.pid for p in me.children(recursive=True)}
+    with spear_nb.Session(
+        stop_grace=0.5, execution_timeout=120, max_instances_per_task=COUNT
+    ) as s:
+        s.register("pid", _remote.pid, max_instances=COUNT)
+        seen: set[int] = set()
+        for round_ in range(2):
+            s.scale("pid", COUNT)
+            table = s.instances()
+            ready = table[table["status"] == "ready"]
+            assert len(ready) == COUNT
+            pids = {int(p) for p in ready["pid"]}
+            assert len(pids) == COUNT
+            assert not pids & seen, "an instance of the first round came back"
+            seen |= pids
+            # All of them really are live processes of this session...
+            descendants = {p.pid for p in me.children(recursive=True)}
+            assert pids <= descendants
+
+            # ...and each answers: COUNT calls in flight at once, one per instance.
+            async def fan_out() -> list[int]:
+                return list(
+                    await asyncio.gather(*(s.ainvoke("pid") for _ in range(COUNT)))
+                )
+
+            answered = asyncio.run(fan_out())
+            assert set(answered) == pids, f"round {round_}: not every instance served"
+            assert len(s.channels().query("state == 'connected'")) == COUNT
+
+            s.scale("pid", 0)
+            assert all_gone(sorted(pids), timeout=30) == []
+            table = s.instances()
+            assert (table["status"] == "stopped").sum() == COUNT * (round_ + 1)
+            assert len(s.channels().query("state == 'connected'")) == 0
+            left = {p.pid for p in me.children(recursive=True)} - children_before
+            # Only the session's helpers remain: the watchdog and the zygote.
+            assert len(left) <= 2, left
+        workdir = s._workdir
+        sockets = [n for n in os.listdir(workdir) if n.endswith(".sock")]
+        assert sockets == ["host.sock"], sockets
+    assert not os.path.exists(workdir)
+    assert me.num_fds() <= fds_before + 2
