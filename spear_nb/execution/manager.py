@@ -381,7 +381,9 @@ class TaskExecutionManager:
             return
         if instance.status is InstanceStatus.STARTING:
             return  # start_instance sees the exit and reports it
-        logger.warning(
+        # The call that met it fails with an error saying so, and the next call
+        # gets a new instance: the log need not shout about it a second time.
+        logger.info(
             "instance %s taken out of service: %s", instance.instance_id, reason
         )
         instance.failure = reason
