@@ -114,3 +114,92 @@ def numbers(limit=None):
     while limit is None or i < limit:
         yield i
         i += 1
+
+
+# -- issue 3: channels, modes, cancel (appended) ------------------------------------
+
+
+def identity(x):
+    return x
+
+
+def _wait_for_file(path, limit=60.0):
+    """Poll for a file the test creates (a gate), for at most ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.001)
+
+
+def gated_square(x, gate_dir):
+    """Wait for ``gate_dir/go``, sleep a pseudo-random few ms, return ``x * x``.
+
+    Call 0 also waits for ``gate_dir/release-0``, which the test creates only once
+    it holds the result of call 1: call 0's reply always comes back after call 1's.
+    """
+    _wait_for_file(os.path.join(gate_dir, "go"))
+    time.sleep(((x * 7919) % 5) / 1000)
+    if x == 0:
+        _wait_for_file(os.path.join(gate_dir, "release-0"))
+    return x * x
+
+
+def spin_until_cancelled(port, value=None):
+    """Tell the test we run, then loop in Python bytecode until interrupted.
+
+    The connection stays open while we spin; it closes when the cancel lands.
+    With ``port=None`` return ``value`` at once.
+    """
+    if port is None:
+        return value
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    try:
+        conn.sendall(f"{os.getpid()}\n".encode())
+        while True:
+            time.sleep(0.005)
+    finally:
+        conn.close()
+
+
+def spin_or_block(how, port, value=None):
+    """``spin_until_cancelled`` or ``report_and_block``, chosen per call."""
+    if how == "spin":
+        return spin_until_cancelled(port, value)
+    return report_and_block(port, value)
+
+
+def two_steps(port):
+    """Yield 0, then block until the test says go (see report_and_block), yield 1."""
+    yield 0
+    report_and_block(port)
+    yield 1
+
+
+# A command: with a payload "echo:<bytes>" it writes <bytes> to stdout; with a
+# port it starts a sleeping child in its own process group, reports its own pid
+# and then the child's (two connections), and sleeps.
+REPORT_OR_ECHO = (
+    "import os, socket, subprocess, sys, time\n"
+    "data = sys.stdin.buffer.read()\n"
+    "if data.startswith(b'echo:'):\n"
+    "    sys.stdout.buffer.write(data[5:]); sys.exit(0)\n"
+    "port = int(data)\n"
+    "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    "for pid in (os.getpid(), child.pid):\n"
+    "    c = socket.create_connection(('127.0.0.1', port))\n"
+    "    c.sendall(f'{pid}\\n'.encode()); c.close()\n"
+    "time.sleep(60)\n"
+)
+
+
+def byte_chunks(data, size):
+    """Yield ``data`` in pieces of ``size`` bytes."""
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+def sized_chunks(sizes):
+    """Yield ``b"y" * n`` for each ``n`` in ``sizes``."""
+    for n in sizes:
+        yield b"y" * n

@@ -139,3 +139,47 @@ def rows(df: Any, **where: Any) -> Any:
         m = df[column] == value
         mask = m if mask is None else mask & m
     return df if mask is None else df[mask]
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy; return that value.
+
+    Bounded: after ``timeout`` seconds it returns the last (falsy) value, so the
+    caller's assert fails with a message instead of hanging.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+_grpc_keepalive: list[Any] = []
+
+
+def warm_grpc() -> None:
+    """Keep gRPC initialised for the rest of this process.
+
+    gRPC opens its pollers, event fds and wake-up sockets when the first channel
+    or server is made and closes them when the last one is garbage-collected,
+    which happens at unpredictable times. Holding one blocking channel and one
+    asyncio channel (never used) keeps that state open from here on, so the
+    per-test leak check does not count it. Call it from a module-scoped fixture.
+    """
+    if _grpc_keepalive:
+        return
+    import asyncio
+
+    import grpc
+    import grpc.aio
+
+    async def aio_channel() -> Any:
+        return grpc.aio.insecure_channel("unix:/nonexistent/spear-nb-keepalive")
+
+    _grpc_keepalive.append(grpc.insecure_channel("unix:/nonexistent/spear-nb-keep"))
+    _grpc_keepalive.append(asyncio.run(aio_channel()))
