@@ -4,7 +4,7 @@
     python scripts/generate_grpc.py --check  # exit 1 if they are stale
 
 Needs grpcio-tools (a test extra). The generated modules are committed, so users
-never need it; tests/communication/test_grpc_generated.py runs ``--check``.
+never need it; tests/communication/test_grpc.py runs ``--check``.
 """
 
 from __future__ import annotations

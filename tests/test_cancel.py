@@ -36,17 +36,7 @@ def _status(s: spear_nb.Session, execution_id: str) -> str:
     return str(status)
 
 
-GRPC_SIGUSR1 = pytest.mark.xfail(
-    reason="BUG: cancel sends SIGUSR1 to the instance's process, and an agent "
-    "serving gRPC has no handler for it: the signal kills it and the instance "
-    "is replaced instead of staying in service",
-    strict=True,
-)
-
-
-@pytest.mark.parametrize(
-    "kind", ["unix", "tcp", pytest.param("grpc", marks=GRPC_SIGUSR1)]
-)
+@pytest.mark.parametrize("kind", ["unix", "tcp", "grpc"])
 def test_cancel_interrupts_a_running_python_function(session, ready, kind) -> None:
     session.register("spin", _remote.spin_until_cancelled, channel=kind)
     handle = session.submit("spin", ready.port)
@@ -165,16 +155,7 @@ def test_cancel_a_call_still_waiting_for_a_free_instance(session, ready) -> None
 @pytest.mark.parametrize(
     "start_method",
     [
-        pytest.param(
-            "fork",
-            marks=pytest.mark.xfail(
-                reason="BUG: Zygote.fork awaits the zygote's shared `ready` future "
-                "unshielded; a call cancelled while the zygote starts cancels that "
-                "future, and every later instance start in the session fails with "
-                "a bare concurrent.futures.CancelledError",
-                strict=True,
-            ),
-        ),
+        "fork",
         "spawn",
     ],
 )

@@ -34,7 +34,7 @@ from spear_nb.communication.protocol import (
     frame,
     unpack,
 )
-from spear_nb.errors import PayloadTooLarge
+from spear_nb.errors import PayloadTooLarge, ProtocolError
 
 _AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
 _OK = {"status": "ok"}
@@ -44,6 +44,7 @@ EXIT_OK = 0
 EXIT_NO_HOST = 3
 EXIT_AUTH = 4
 EXIT_LOAD = 5
+EXIT_PROTOCOL = 6
 
 
 class AgentError(Exception):
@@ -392,6 +393,9 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
     """Connect, authenticate, load the function and serve; return the exit code."""
     env = dict(os.environ)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The host interrupts inline calls with SIGUSR1; until the server installs
+    # its handler (and in gRPC mode, where calls run in threads) it is ignored.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     fallback_reason = ""
     if env.get("SPEAR_GRPC_ADDRESS"):
         try:
@@ -438,6 +442,9 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
         return server.serve()
     except (ConnectionError, OSError):
         return EXIT_NO_HOST
+    except ProtocolError as exc:
+        print(f"spear_nb agent: the host broke the protocol: {exc}", file=sys.stderr)
+        return EXIT_PROTOCOL
     finally:
         stop.set()
 

@@ -8,6 +8,7 @@ loop thread; nothing in this module is thread-safe, nor needs to be.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import itertools
@@ -79,6 +80,9 @@ class TaskExecutionManager:
         self.functions: dict[str, Task] = {}
         self.instances: dict[str, TaskInstance] = {}
         self.executions: deque[Execution] = deque(maxlen=config.execution_log_size)
+        # Per function: how many calls ended in each status, since the start
+        # (the execution log keeps only the most recent calls).
+        self.outcomes: dict[str, collections.Counter[str]] = {}
         self._execution_numbers = itertools.count(1)
         self._task_numbers: dict[str, itertools.count[int]] = {}
         self._instance_numbers: dict[str, itertools.count[int]] = {}
@@ -173,6 +177,7 @@ class TaskExecutionManager:
         if task is None:
             execution.status = ExecutionStatus.FAILED
             execution.error = "unknown function"
+            self._count(execution)
             raise FunctionNotFound(
                 f"no function named {request.function!r} is registered; registered: "
                 + (", ".join(sorted(self.functions)) or "none")
@@ -252,11 +257,20 @@ class TaskExecutionManager:
                 self._running.discard(current)
             duration = time.perf_counter() - started
             execution.duration = duration
+            self._count(execution)
             execution.finished()
             if instance is not None:
                 instance.metrics.finished(duration, ok)
                 task.metrics.finished(duration, ok)
                 self._wake(task)
+
+    def _count(self, execution: Execution) -> None:
+        counts = self.outcomes.get(execution.function)
+        if counts is None:
+            counts = self.outcomes[execution.function] = collections.Counter()
+        counts[execution.status.value] += 1
+        if execution.new_instance:
+            counts["new_instance"] += 1
 
     def new_execution(self, request: InvokeFunctionRequest) -> Execution:
         """Create the record of a call and log it."""
@@ -312,13 +326,14 @@ class TaskExecutionManager:
             with contextlib.suppress(ValueError):
                 waiters.remove(waiter)
 
-    def _wake(self, task: Task) -> None:
+    def _wake(self, task: Task, count: int = 1) -> None:
+        """Let up to ``count`` queued calls look for a free slot again."""
         waiters = self._waiters.get(task.task_id)
-        while waiters:
+        while waiters and count > 0:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                count -= 1
 
     async def _create_instance(self, task: Task) -> TaskInstance:
         task.starting += 1
@@ -355,6 +370,8 @@ class TaskExecutionManager:
         instance.move(InstanceStatus.READY)
         instance.health = Health.HEALTHY
         task.instances.append(instance)
+        # Its free slots (all but the one its creator takes) serve queued calls.
+        self._wake(task, instance.capacity - 1)
         self.events.emit(
             "instance_started",
             started,

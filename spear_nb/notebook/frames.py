@@ -6,7 +6,7 @@ columns by these names. Times are ``pandas.Timestamp`` (UTC), durations in ms.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pandas as pd
@@ -223,22 +223,25 @@ def channel_rows(manager: TaskExecutionManager) -> list[dict[str, Any]]:
 
 
 def metrics(manager: TaskExecutionManager) -> pd.DataFrame:
-    grouped: dict[str, list[Any]] = {}
+    """Counts since the session started; latencies over the execution log."""
+    grouped: dict[str, list[Any]] = {name: [] for name in manager.outcomes}
     for execution in manager.executions:
-        grouped.setdefault(execution.function, []).append(execution)
+        if execution.duration is not None:
+            grouped.setdefault(execution.function, []).append(execution)
     rows = []
     for function, records in grouped.items():
         durations = [r.duration * 1e3 for r in records if r.duration is not None]
-        statuses = [r.status.value for r in records]
+        counts: Mapping[str, int] = manager.outcomes.get(function, {})
+        ended = ("succeeded", "failed", "cancelled", "timed_out")
         rows.append(
             {
                 "function": function,
-                "calls": len(records),
-                "succeeded": statuses.count("succeeded"),
-                "failed": statuses.count("failed"),
-                "cancelled": statuses.count("cancelled"),
-                "timed_out": statuses.count("timed_out"),
-                "new_instances": sum(1 for r in records if r.new_instance),
+                "calls": sum(counts.get(status, 0) for status in ended),
+                "succeeded": counts.get("succeeded", 0),
+                "failed": counts.get("failed", 0),
+                "cancelled": counts.get("cancelled", 0),
+                "timed_out": counts.get("timed_out", 0),
+                "new_instances": counts.get("new_instance", 0),
                 "p50_ms": percentile(durations, 0.5),
                 "p99_ms": percentile(durations, 0.99),
                 "mean_ms": sum(durations) / len(durations) if durations else None,

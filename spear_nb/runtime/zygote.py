@@ -115,7 +115,8 @@ class Zygote:
     ) -> tuple[int, asyncio.Future[int]]:
         """Fork an instance; return its pid and a future of its exit code."""
         assert self.ready is not None and self.process is not None
-        await self.ready
+        # Shared by every start: one cancelled caller must not cancel it for all.
+        await asyncio.shield(self.ready)
         loop = asyncio.get_running_loop()
         spawned: asyncio.Future[tuple[int, asyncio.Future[int]]] = loop.create_future()
         self._spawns[instance_id] = spawned

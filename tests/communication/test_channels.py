@@ -472,11 +472,6 @@ def test_an_agent_sent_a_newer_protocol_version_stops_and_says_why() -> None:
     assert b"install the same spear_nb version" in stderr
 
 
-@pytest.mark.xfail(
-    reason="BUG: the agent dies of an uncaught ProtocolError (a Python traceback "
-    "on stderr) instead of exiting with a 'spear_nb agent: ...' message",
-    strict=True,
-)
 def test_an_agent_sent_a_newer_protocol_version_does_not_crash() -> None:
     _, stderr = _agent_given_a_newer_version()
     assert b"Traceback" not in stderr, stderr.decode()
@@ -563,11 +558,6 @@ def test_1000_calls_in_flight_over_one_channel_from_threads(wide, gate) -> None:
     assert set(s.executions()["status"]) == {"succeeded"}
 
 
-@pytest.mark.xfail(
-    reason="BUG: when a new instance with max_concurrency=N becomes ready, only one "
-    "queued call is woken; the others wait for calls to finish (2 in flight)",
-    strict=True,
-)
 def test_calls_queued_behind_a_cold_start_all_reach_the_new_instance(
     wide, gate
 ) -> None:

@@ -222,12 +222,6 @@ def test_ten_thousand_calls_from_eight_callers(kube, tmp_path) -> None:
     assert me.num_fds() <= fds_before + 2, "file descriptors leaked"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Session.metrics() counts calls from the execution log, which keeps only "
-    "the last execution_log_size calls: after more calls than that, calls, "
-    "succeeded and failed shrink to the window (spear_nb/notebook/frames.py)",
-)
 def test_metrics_count_every_call_beyond_the_execution_log() -> None:
     with spear_nb.Session(stop_grace=0.5, execution_log_size=100) as s:
         s.register("inc", _remote.inc)
