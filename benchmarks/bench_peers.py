@@ -55,6 +55,7 @@ PAYLOAD_SIZES = [1, KiB, 64 * KiB, MiB, 16 * MiB]
 IN_FLIGHT = [1, 8, 64]
 INSTANCE_COUNTS = [1, 10, 100]
 HAVE_KUBE = importlib.util.find_spec("kubernetes") is not None
+DEFAULT_PATH = "spear process/unix (sync)"
 
 
 def inc(x: int) -> int:
@@ -288,11 +289,18 @@ def interleaved(
     return {name: summarize(values) for name, values in samples_.items()}
 
 
-def warm(spear: Spear, peers: dict[str, Peer], rounds: int) -> dict[str, Any]:
+def warm(
+    spear: Spear, peers: dict[str, Peer], rounds: int, every_path: bool
+) -> dict[str, Any]:
+    """Warm calls in interleaved rounds: spear_nb's paths (all of them, or only
+    the default one) and the peers'."""
     paths: dict[str, tuple[Batch, int]] = {
-        name: (each(call), 100) for name, call in spear.paths.items()
+        name: (each(call), 100)
+        for name, call in spear.paths.items()
+        if every_path or name == DEFAULT_PATH
     }
-    paths["spear process/unix (async, on the session loop)"] = (spear.on_loop, 100)
+    if every_path:
+        paths["spear process/unix (async, on the session loop)"] = (spear.on_loop, 100)
     slow = {"dask.distributed": 10, "ipyparallel": 10, "ProcessPoolExecutor": 100}
     for name, peer in peers.items():
         paths[name] = (each(lambda p=peer: p.call(inc, 1)), slow[name])
@@ -415,46 +423,46 @@ def throughput(cache_dir: str, quick: bool) -> dict[str, Any]:
         def spear_run(args: list[int], k: int) -> None:
             s.map("inc", args, progress=False, max_in_flight=k)
 
-        runners: dict[str, tuple[Callable[[list[int], int], None], Callable[[], None]]]
-        runners = {"spear (Session.map, 2 instances)": (spear_run, lambda: None)}
-        peers = []
-        for cls in PEERS:
-            p = cls()
-            p.start(2)
-            peers.append(p)
-            runners[f"{cls.name} (2 workers)"] = (
-                lambda args, k, p=p: p.in_flight(inc, args, k),
-                p.stop,
-            )
-        try:
+        def measure(name: str, run: Callable[[list[int], int], None], n: int) -> None:
             for k in IN_FLIGHT:
-                for name, (run, _) in runners.items():
-                    key = name.split(" (")[0]
-                    n = calls.get(key, calls["spear"])
-                    rates = []
-                    for _ in range(3):
-                        start = time.perf_counter()
-                        run(list(range(n)), k)
-                        rates.append(n / (time.perf_counter() - start))
-                    results.setdefault(name, {})[str(k)] = {
-                        "median_per_s": statistics.median(rates),
-                        "min_per_s": min(rates),
-                        "n": n,
-                    }
+                rates = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    run(list(range(n)), k)
+                    rates.append(n / (time.perf_counter() - start))
+                results.setdefault(name, {})[str(k)] = {
+                    "median_per_s": statistics.median(rates),
+                    "min_per_s": min(rates),
+                    "n": n,
+                }
+
+        measure("spear (Session.map, 2 instances)", spear_run, calls["spear"])
+    # One system at a time: a peer's client threads would slow the others.
+    for cls in PEERS:
+        p = cls()
+        p.start(2)
+        try:
+            measure(
+                f"{cls.name} (2 workers)",
+                lambda args, k, p=p: p.in_flight(inc, args, k),
+                calls[cls.name],
+            )
         finally:
-            for p in peers:
-                p.stop()
+            p.stop()
     return results
 
 
 # -- payload sizes -------------------------------------------------------------------
 
 
-def payloads(spear: Spear, peers: dict[str, Peer], quick: bool) -> dict[str, Any]:
+def payloads(
+    spear: Spear, peers: dict[str, Peer], quick: bool, every_path: bool
+) -> dict[str, Any]:
     s = spear.session
-    s.register("echo_unix", echo)
-    s.register("echo_tcp", echo, channel="tcp")
-    s.register("echo_grpc", echo, channel="grpc")
+    if "echo_unix" not in s.functions:
+        s.register("echo_unix", echo)
+        s.register("echo_tcp", echo, channel="tcp")
+        s.register("echo_grpc", echo, channel="grpc")
     results: dict[str, Any] = {}
     for size in PAYLOAD_SIZES:
         data = os.urandom(size)
@@ -468,6 +476,8 @@ def payloads(spear: Spear, peers: dict[str, Peer], quick: bool) -> dict[str, Any
             "spear process/grpc": (each(lambda d=data: s.invoke("echo_grpc", d)), n),
             "spear wasm/memory": (each(lambda d=data: s.invoke("upper", d)), n),
         }
+        if not every_path:
+            paths = {k: v for k, v in paths.items() if k == "spear process/unix"}
         for name, peer in peers.items():
             count = n if name == "ProcessPoolExecutor" else slow_n
             paths[name] = (each(lambda p=peer, d=data: p.call(echo, d)), count)
@@ -539,18 +549,36 @@ def run(quick: bool, cache_dir: str) -> dict[str, Any]:
     rounds = 4 if quick else 20
     with local_kube() as kube:
         spear = Spear(kube, cache_dir)
-        peers: dict[str, Peer] = {}
+        pool = Pool()
+        pool.start(1)
         try:
-            for cls in PEERS:
-                peers[cls.name] = cls()
-                peers[cls.name].start(1)
+            # First spear_nb's paths next to ProcessPoolExecutor alone: the dask
+            # and ipyparallel clients keep threads busy in this process (dask's
+            # scheduler runs here), which slows every other path measured here.
             print("warm ...", flush=True)
-            results["warm"] = warm(spear, peers, rounds)
+            first = {Pool.name: pool}
+            results["warm"] = warm(spear, first, rounds, every_path=True)
             print("payloads ...", flush=True)
-            results["payload"] = payloads(spear, peers, quick)
+            results["payload"] = payloads(spear, first, quick, every_path=True)
+            # Then the default path again, next to dask and ipyparallel.
+            threaded: dict[str, Peer] = {}
+            try:
+                for cls in (Dask, IPyParallel):
+                    threaded[cls.name] = cls()
+                    threaded[cls.name].start(1)
+                print("warm, threaded peers ...", flush=True)
+                results["warm_threaded"] = warm(
+                    spear, threaded, rounds, every_path=False
+                )
+                print("payloads, threaded peers ...", flush=True)
+                results["payload_threaded"] = payloads(
+                    spear, threaded, quick, every_path=False
+                )
+            finally:
+                for peer in threaded.values():
+                    peer.stop()
         finally:
-            for peer in peers.values():
-                peer.stop()
+            pool.stop()
         try:
             print("cold ...", flush=True)
             results["cold"] = cold(spear, kube, 2 if quick else 3, cache_dir)
