@@ -130,7 +130,7 @@ def machine() -> dict[str, Any]:
 # -- figures ---------------------------------------------------------------------------
 
 
-BESIDE = "spear process/unix (sync), beside the dask and ipyparallel clients"
+BESIDE = "spear process/unix (sync), beside dask + ipyparallel"
 
 
 def merged(peers: dict[str, Any]) -> dict[str, Any]:
@@ -169,7 +169,7 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
         medians = [data[n]["median_us"] / unit for n in names]
         p99 = [data[n]["p99_us"] / unit for n in names]
         colors = ["tab:blue" if n.startswith("spear") else "tab:gray" for n in names]
-        fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(names) + 1.2))
+        fig, ax = plt.subplots(figsize=(9, 0.42 * len(names) + 1.2))
         y = range(len(names))
         ax.barh(y, medians, color=colors)
         ax.scatter(p99, y, marker="|", color="black", s=120, label="p99", zorder=3)
@@ -180,7 +180,7 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        fig.savefig(os.path.join(FIGURES, file), dpi=80)
+        fig.savefig(os.path.join(FIGURES, file), dpi=80, bbox_inches="tight")
         plt.close(fig)
         made[section] = file
 
@@ -204,7 +204,7 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
     ax.set_title("Throughput of a trivial function", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(FIGURES, "throughput.png"), dpi=80)
+    fig.savefig(os.path.join(FIGURES, "throughput.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)
     made["throughput"] = "throughput.png"
 
@@ -225,7 +225,7 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
     ax.set_title("Latency as the payload grows", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(FIGURES, "payload.png"), dpi=80)
+    fig.savefig(os.path.join(FIGURES, "payload.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)
     made["payload"] = "payload.png"
 
@@ -244,7 +244,7 @@ def plots(results: dict[str, Any]) -> dict[str, str]:
     left.legend(fontsize=7)
     fig.suptitle("The cost of 1, 10 and 100 instances", fontsize=10)
     fig.tight_layout()
-    fig.savefig(os.path.join(FIGURES, "instances.png"), dpi=80)
+    fig.savefig(os.path.join(FIGURES, "instances.png"), dpi=80, bbox_inches="tight")
     plt.close(fig)
     made["instances"] = "instances.png"
     return made
