@@ -5,8 +5,9 @@
 In one run:
 - warm invoke latency (median, p99) over unix, tcp and grpc (process runtime,
   ``channel=`` override) and memory (a WASM reactor, the runtime that uses it);
-- the raw baselines: blocking Unix-socket echo, asyncio Unix-socket echo (streams),
-  grpc.aio bidirectional-stream ping-pong, all with a 100-byte payload;
+- the raw baselines: a blocking Unix-socket echo, the same echo called from an
+  asyncio client (streams, on the session's kind of loop) and a grpc.aio
+  bidirectional-stream ping-pong, all with a 100-byte payload;
 - throughput of the async API with 64 calls in flight on one unix channel, with
   the calls pipelined in the instance and with a thread pool there;
 - bytes per second for 1 MiB and 16 MiB payloads per channel type.
@@ -18,18 +19,16 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import statistics
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
+from _timing import ForkedEcho, timed, timed_async
 
 import spear_nb
 from spear_nb import samples
+from spear_nb._bridge import new_event_loop
 from spear_nb.communication._grpc import spear_pb2, spear_pb2_grpc
 
 PAYLOAD = b"x" * 100
@@ -39,72 +38,34 @@ def echo(x: Any) -> Any:
     return x
 
 
-def summarize(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
-    }
-
-
-async def timed_async(call: Callable[[], Awaitable[Any]], n: int) -> dict[str, float]:
-    for _ in range(50):
-        await call()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await call()
-        samples.append(time.perf_counter() - start)
-    return summarize(samples)
-
-
 def blocking_echo(n: int) -> dict[str, float]:
-    ours, theirs = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:
-        ours.close()
-        while data := theirs.recv(65536):
-            theirs.sendall(data)
-        os._exit(0)
-    theirs.close()
-    samples = []
-    for i in range(n + 50):
-        start = time.perf_counter()
-        ours.sendall(PAYLOAD)
-        ours.recv(65536)
-        if i >= 50:
-            samples.append(time.perf_counter() - start)
-    ours.close()
-    os.waitpid(pid, 0)
-    return summarize(samples)
+    with ForkedEcho() as echo:
+        return timed(lambda: echo.call(PAYLOAD), n)
 
 
 def asyncio_echo(n: int) -> dict[str, float]:
+    """An asyncio client, on the kind of loop a session runs, against the same
+    blocking echo in a forked child: the floor for an agent call from the loop."""
+
     async def main() -> dict[str, float]:
-        path = os.path.join(tempfile.mkdtemp(), "echo.sock")
+        with ForkedEcho() as echo:
+            reader, writer = await asyncio.open_unix_connection(sock=echo.sock.dup())
 
-        async def handle(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-        ) -> None:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.close()
+            async def once() -> None:
+                writer.write(PAYLOAD)
+                await reader.readexactly(len(PAYLOAD))
 
-        server = await asyncio.start_unix_server(handle, path)
-        reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                return await timed_async(once, n)
+            finally:
+                writer.close()
+                await writer.wait_closed()
 
-        async def once() -> None:
-            writer.write(PAYLOAD)
-            await reader.readexactly(len(PAYLOAD))
-
-        result = await timed_async(once, n)
-        writer.close()
-        server.close()
-        os.unlink(path)
-        return result
-
-    return asyncio.run(main())
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
 
 
 class _Echo(spear_pb2_grpc.AgentServicer):
@@ -145,13 +106,7 @@ def spear_latency(session: spear_nb.Session, name: str, n: int) -> dict[str, flo
 
 
 def spear_sync(session: spear_nb.Session, name: str, n: int) -> dict[str, float]:
-    samples = []
-    for i in range(n + 50):
-        start = time.perf_counter()
-        session.invoke(name, PAYLOAD)
-        if i >= 50:
-            samples.append(time.perf_counter() - start)
-    return summarize(samples)
+    return timed(lambda: session.invoke(name, PAYLOAD), n)
 
 
 def throughput(session: spear_nb.Session, name: str, n: int = 20000) -> float:

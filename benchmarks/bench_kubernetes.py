@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections.abc import Callable
 from typing import Any
+
+from _timing import durations, summarize
 
 import spear_nb
 from spear_nb.testing import LocalKubeAPI
@@ -36,24 +36,6 @@ IMAGE = "spear-nb-agent:latest"
 
 def inc(x: int) -> int:
     return x + 1
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
-        "n": len(ordered),
-    }
-
-
-def timed(call: Callable[[], Any], n: int) -> list[float]:
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def cold(session: spear_nb.Session, name: str, n: int) -> list[float]:
@@ -89,12 +71,12 @@ def main() -> None:
         results["process_grpc_cold"] = summarize(cold(s, "proc", args.cold))
 
         for name in ("pod", "proc"):  # warm up both instances
-            timed(lambda name=name: s.invoke(name, 1), 200)
+            durations(lambda name=name: s.invoke(name, 1), 200)
         pod: list[float] = []
         proc: list[float] = []
         for _ in range(args.rounds):
-            pod += timed(lambda: s.invoke("pod", 1), args.calls)
-            proc += timed(lambda: s.invoke("proc", 1), args.calls)
+            pod += durations(lambda: s.invoke("pod", 1), args.calls)
+            proc += durations(lambda: s.invoke("proc", 1), args.calls)
         results["pod_warm_grpc"] = summarize(pod)
         results["process_warm_grpc"] = summarize(proc)
 

@@ -45,6 +45,7 @@ warnings.filterwarnings("ignore", module="distributed")  # "large graph" advice
 
 import cloudpickle  # noqa: E402
 import psutil  # noqa: E402
+from _timing import Batch, each, interleaved, on_loop, summarize  # noqa: E402
 
 import spear_nb  # noqa: E402
 from spear_nb import samples  # noqa: E402
@@ -68,15 +69,6 @@ def echo(data: bytes) -> bytes:
 
 # dask and ipyparallel workers cannot import this file: ship it by value.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
-
-
-def summarize(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "median_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
-        "n": len(ordered),
-    }
 
 
 def descendants() -> dict[int, psutil.Process]:
@@ -236,57 +228,11 @@ class Spear:
         for call in self.paths.values():
             call()
 
-    def on_loop(self, n: int) -> list[float]:
-        """``n`` warm calls awaited on the session's own loop: no thread hop."""
-        s = self.session
-
-        async def run() -> list[float]:
-            samples_ = []
-            for _ in range(n):
-                start = time.perf_counter()
-                await s._invoke("inc_unix", (1,), {})
-                samples_.append(time.perf_counter() - start)
-            return samples_
-
-        return s._loop.run(run())
-
     def close(self) -> None:
         self.session.close()
 
 
 # -- warm --------------------------------------------------------------------------
-
-
-Batch = Callable[[int], list[float]]
-
-
-def each(call: Callable[[], Any]) -> Batch:
-    """A batch of ``n`` timed calls of a blocking ``call``."""
-
-    def batch(n: int) -> list[float]:
-        out = []
-        for _ in range(n):
-            start = time.perf_counter()
-            call()
-            out.append(time.perf_counter() - start)
-        return out
-
-    return batch
-
-
-def interleaved(
-    paths: dict[str, tuple[Batch, int]], rounds: int
-) -> dict[str, dict[str, float]]:
-    """Time each path in turn (``per_round`` calls each), round after round."""
-    samples_: dict[str, list[float]] = {name: [] for name in paths}
-    for batch, per_round in paths.values():
-        batch(max(3, per_round // 4))
-    for r in range(rounds):
-        order = list(paths.items())
-        order = order[r % len(order) :] + order[: r % len(order)]
-        for name, (batch, per_round) in order:
-            samples_[name].extend(batch(per_round))
-    return {name: summarize(values) for name, values in samples_.items()}
 
 
 def warm(
@@ -300,7 +246,8 @@ def warm(
         if every_path or name == DEFAULT_PATH
     }
     if every_path:
-        paths["spear process/unix (async, on the session loop)"] = (spear.on_loop, 100)
+        batch = on_loop(spear.session, "inc_unix", 1)
+        paths["spear process/unix (async, on the session loop)"] = (batch, 100)
     slow = {"dask.distributed": 10, "ipyparallel": 10, "ProcessPoolExecutor": 100}
     for name, peer in peers.items():
         paths[name] = (each(lambda p=peer: p.call(inc, 1)), slow[name])
@@ -556,7 +503,7 @@ def run(quick: bool, cache_dir: str) -> dict[str, Any]:
             # and ipyparallel clients keep threads busy in this process (dask's
             # scheduler runs here), which slows every other path measured here.
             print("warm ...", flush=True)
-            first = {Pool.name: pool}
+            first: dict[str, Peer] = {Pool.name: pool}
             results["warm"] = warm(spear, first, rounds, every_path=True)
             print("payloads ...", flush=True)
             results["payload"] = payloads(spear, first, quick, every_path=True)

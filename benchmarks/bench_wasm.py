@@ -24,15 +24,14 @@ import argparse
 import importlib.metadata
 import json
 import queue
-import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psutil
 import wasmtime
+from _timing import summarize, timed
 
 import spear_nb
 from spear_nb import samples
@@ -40,26 +39,6 @@ from spear_nb._bridge import new_event_loop
 
 PAYLOAD = b"spear_nb benchmark payload " * 3 + b"x" * 19  # 100 bytes
 assert len(PAYLOAD) == 100
-
-
-def summarize(samples_: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_)
-    return {
-        "median_us": statistics.median(ordered) * 1e6,
-        "p99_us": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e6,
-        "n": len(ordered),
-    }
-
-
-def timed(call: Callable[[], Any], n: int, warmup: int = 200) -> dict[str, float]:
-    for _ in range(warmup):
-        call()
-    samples_ = []
-    for _ in range(n):
-        start = time.perf_counter()
-        call()
-        samples_.append(time.perf_counter() - start)
-    return summarize(samples_)
 
 
 def upper_wat() -> str:
@@ -107,8 +86,8 @@ def direct(n: int) -> dict[str, dict[str, float]]:
 
     assert whole_round() == PAYLOAD.upper()
     results = {
-        "direct_handle_only": timed(handle_only, n),
-        "direct_whole_abi": timed(whole_round, n),
+        "direct_handle_only": timed(handle_only, n, warmup=200),
+        "direct_whole_abi": timed(whole_round, n, warmup=200),
     }
     store.close()
     return results
@@ -161,7 +140,7 @@ def warm(session: spear_nb.Session, n: int) -> dict[str, dict[str, float]]:
         return summarize(samples_)
 
     async_figures = session._loop.run(on_loop())
-    sync_figures = timed(lambda: session.invoke("upper", PAYLOAD), n)
+    sync_figures = timed(lambda: session.invoke("upper", PAYLOAD), n, warmup=200)
     return {"spear_async_on_loop": async_figures, "spear_sync_facade": sync_figures}
 
 
