@@ -516,7 +516,12 @@ class Dashboard(ipywidgets.VBox):
         self._stop()
         final = dataclasses.replace(self.snapshot, state="closed")
         self.views["header"].value = render_section("header", final)
-        for control in (
+        for control in self._controls():
+            control.disabled = True
+
+    def _controls(self) -> list[ipywidgets.DOMWidget]:
+        """Every button and picker, in the order they are laid out."""
+        return [
             self.pause_button,
             self.interval_picker,
             self.refresh_button,
@@ -527,8 +532,7 @@ class Dashboard(ipywidgets.VBox):
             self.scale_up,
             self.stop_picker,
             self.stop_button,
-        ):
-            control.disabled = True
+        ]
 
     def close(self) -> None:
         """Stop refreshing and close the widget and its parts."""
@@ -536,16 +540,7 @@ class Dashboard(ipywidgets.VBox):
         for widget in (
             *self.views.values(),
             *self._containers,
-            self.pause_button,
-            self.interval_picker,
-            self.refresh_button,
-            self.scale_function,
-            self.scale_count,
-            self.scale_button,
-            self.scale_down,
-            self.scale_up,
-            self.stop_picker,
-            self.stop_button,
+            *self._controls(),
             self.messages,
         ):
             widget.close()
