@@ -33,6 +33,7 @@ __all__ = [
     "SessionClosed",
     "SessionConfig",
     "SpearError",
+    "WaitTimeout",
     "__version__",
 ]
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
         ResourceExhausted,
         SessionClosed,
         SpearError,
+        WaitTimeout,
     )
     from spear_nb.session import Session
 

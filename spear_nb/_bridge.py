@@ -14,7 +14,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from spear_nb.errors import SpearError
+from spear_nb.errors import SpearError, WaitTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +110,9 @@ class LoopThread:
                 if timeout is not None and waited >= timeout:
                     self.loop.call_soon_threadsafe(lambda: holder[0].cancel())
                     done.acquire(timeout=CANCEL_GRACE)
-                    raise TimeoutError(f"gave up waiting after {timeout:g} s")
+                    raise WaitTimeout(
+                        f"gave up waiting after {timeout:g} s; the call was cancelled"
+                    )
         except KeyboardInterrupt:
             self._cancel(holder, done)
             raise

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import Any
 
 from spear_nb._bridge import CANCEL_GRACE, WAIT_SLICE, LoopThread
-from spear_nb.errors import ExecutionCancelled
+from spear_nb.errors import ExecutionCancelled, WaitTimeout
 from spear_nb.execution.model import Execution
 
 
@@ -52,7 +52,7 @@ class ExecutionHandle:
         """Wait for the call and return its value (or raise its error).
 
         Ctrl-C while waiting cancels the call. ``timeout`` limits the wait, not
-        the call: on expiry a TimeoutError is raised and the call goes on.
+        the call: on expiry :class:`WaitTimeout` is raised and the call goes on.
         """
         waited = 0.0
         try:
@@ -65,9 +65,9 @@ class ExecutionHandle:
                         raise
                     waited += WAIT_SLICE
                     if timeout is not None and waited >= timeout:
-                        raise TimeoutError(
+                        raise WaitTimeout(
                             f"{self.execution_id} is still {self.status} after "
-                            f"{timeout:g} s"
+                            f"{timeout:g} s; it goes on: wait again, or cancel() it"
                         ) from None
                 except concurrent.futures.CancelledError:
                     raise ExecutionCancelled(

@@ -32,6 +32,13 @@ class SessionConfig:
     scheduler: str = "least_connections"
     max_frame_size: int = DEFAULT_MAX_FRAME
     stop_grace: float = 2.0
+    # Session.invoke from a thread talks to an idle process instance itself, over
+    # the instance's direct lane, instead of through the session's loop.
+    direct_calls: bool = True
+    # How long (microseconds) a direct call and its instance poll for the next
+    # message before they sleep: waking a sleeping CPU costs more. 0 turns it off;
+    # it is always off on a single CPU.
+    busy_poll_us: float = 50.0
     event_log_size: int = 10_000
     execution_log_size: int = 10_000
     python: str = ""  # interpreter for process instances; "" means sys.executable
@@ -68,7 +75,7 @@ class SessionConfig:
             "execution_log_size",
             "max_queue",
         }
-        for name in (*positive, "stop_grace", "max_queue"):
+        for name in (*positive, "stop_grace", "max_queue", "busy_poll_us"):
             value: float = getattr(self, name)
             kinds: tuple[type, ...] = (int,) if name in whole else (int, float)
             if isinstance(value, bool) or not isinstance(value, kinds):
@@ -80,6 +87,12 @@ class SessionConfig:
                 bound = "positive" if name in positive else "zero or more"
                 raise ConfigurationError(
                     f"SessionConfig.{name} must be {bound}, got {value!r}"
+                )
+        for name in ("direct_calls", "kube_port_forward"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(
+                    f"SessionConfig.{name} must be True or False, got "
+                    f"{getattr(self, name)!r}"
                 )
         if self.queue_policy not in {p.value for p in QueuePolicy}:
             raise ConfigurationError(

@@ -10,6 +10,7 @@ original kept as ``__cause__``::
     ├── FunctionNotFound            no function, task, instance or execution of that id
     ├── SessionClosed               the session was closed
     ├── ResourceExhausted           every instance is busy and the queue is full
+    ├── WaitTimeout                 a wait for a result gave up; the call goes on
     ├── ProtocolError               a peer sent something the wire protocol forbids
     │   └── PayloadTooLarge         a message is larger than the maximum frame size
     ├── ChannelError                a channel could not be opened or was lost
@@ -47,11 +48,17 @@ __all__ = [
     "ResourceExhausted",
     "SessionClosed",
     "SpearError",
+    "WaitTimeout",
 ]
 
 
 class SpearError(Exception):
     """Base class of every error raised by spear_nb."""
+
+
+class WaitTimeout(SpearError, TimeoutError):
+    """A wait for a result (``handle.result(timeout=...)``) gave up; the call
+    itself goes on and can be waited for again or cancelled."""
 
 
 class ConfigurationError(SpearError, ValueError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import difflib
 import enum
 import itertools
 import logging
@@ -27,6 +29,7 @@ from spear_nb import _cleanup
 from spear_nb._bridge import LoopThread
 from spear_nb._handles import ChunkStream, ExecutionHandle, chunk_aiter, start_on_loop
 from spear_nb.communication.factory import CommunicationFactory
+from spear_nb.communication.lane import busy_poll_seconds
 from spear_nb.config import SessionConfig
 from spear_nb.errors import (
     ConfigurationError,
@@ -35,7 +38,7 @@ from spear_nb.errors import (
     SessionClosed,
 )
 from spear_nb.execution.events import EventLog
-from spear_nb.execution.manager import TaskExecutionManager
+from spear_nb.execution.manager import NOT_DIRECT, TaskExecutionManager
 from spear_nb.execution.model import (
     ArtifactKind,
     Execution,
@@ -80,10 +83,8 @@ class Session:
         if config is not None and settings:
             raise ConfigurationError("pass either a SessionConfig or keyword settings")
         if config is None:
-            try:
-                config = SessionConfig(**settings)
-            except TypeError as exc:
-                raise ConfigurationError(f"unknown session setting: {exc}") from None
+            _check_settings(settings)
+            config = SessionConfig(**settings)
         self.config = config
         self.session_id = f"s{os.getpid()}-{next(_session_numbers)}"
         self.state = SessionState.OPEN
@@ -107,7 +108,10 @@ class Session:
     async def _build(self) -> TaskExecutionManager:
         events = EventLog(self.config.event_log_size)
         factory = CommunicationFactory(
-            self._workdir, events, self.config.max_frame_size
+            self._workdir,
+            events,
+            self.config.max_frame_size,
+            busy_poll=busy_poll_seconds(self.config.busy_poll_us),
         )
         context = RuntimeContext(
             self.config, factory, events, self._workdir, self._watchdog, self.session_id
@@ -131,13 +135,23 @@ class Session:
         if self.state is not SessionState.OPEN:
             coro.close()
             raise SessionClosed("The session is closed; create a new one.")
-        return self._loop.run(coro)
+        if self._loop.on_loop_thread:
+            return self._loop.run(coro)  # refused there, with the reason
+        return self._loop.run(self._settled(coro))
 
     async def _arun(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.state is not SessionState.OPEN:
             coro.close()
             raise SessionClosed("The session is closed; create a new one.")
-        return await self._loop.run_async(coro)
+        return await self._loop.run_async(self._settled(coro))
+
+    async def _settled(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` once the direct calls made so far are in the records, so
+        that what it reads (tables, metrics) includes them."""
+        manager = getattr(self, "_manager", None)
+        if manager is not None:
+            manager.settle_direct()
+        return await coro
 
     # -- register ------------------------------------------------------------------
 
@@ -256,7 +270,20 @@ class Session:
         under its ``__name__``). A callable's return value comes back as is; a
         command or WASM function takes one ``bytes`` payload and returns bytes.
         """
+        if self.config.direct_calls and not self._loop.on_loop_thread:
+            name = self._known_name(function)
+            if name is not None:
+                result = self._manager.submit_direct(name, args, kwargs)
+                if result is not NOT_DIRECT:
+                    return result
         return self._run(self._invoke(function, args, kwargs))
+
+    def _known_name(self, function: str | Callable[..., Any]) -> str | None:
+        """The registered name a call means, without registering anything."""
+        if isinstance(function, str):
+            return function
+        known = self._callables.get(id(function))
+        return known[1] if known is not None and known[0] is function else None
 
     async def ainvoke(
         self, function: str | Callable[..., Any], /, *args: Any, **kwargs: Any
@@ -843,4 +870,22 @@ def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
         return bytes(payload)
     raise InvalidSpec(
         f"{name!r} takes bytes (or str, sent as UTF-8), not {type(payload).__name__}"
+    )
+
+
+def _check_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse keyword settings that SessionConfig does not have, naming the
+    closest real one."""
+    known = [f.name for f in dataclasses.fields(SessionConfig)]
+    unknown = [name for name in settings if name not in known]
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        described.append(f"{name!r}{hint}")
+    raise ConfigurationError(
+        f"Session() has no setting {', '.join(described)}; the settings are "
+        f"{', '.join(known)} (see spear_nb.SessionConfig)"
     )

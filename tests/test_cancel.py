@@ -122,8 +122,9 @@ def test_a_result_timeout_bounds_the_wait_not_the_call(session, ready) -> None:
     session.register("block", _remote.report_and_block)
     handle = session.submit("block", ready.port, "value")
     ready.wait()
-    with pytest.raises(TimeoutError) as info:
+    with pytest.raises(spear_nb.WaitTimeout) as info:
         handle.result(timeout=0.3)
+    assert isinstance(info.value, TimeoutError)  # except TimeoutError still works
     assert not isinstance(info.value, spear_nb.ExecutionTimeout)
     assert handle.execution_id in str(info.value)
     assert not handle.done() and handle.status == "running"

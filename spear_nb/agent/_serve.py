@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
@@ -27,13 +28,10 @@ import msgpack
 
 from spear_nb.communication.protocol import (
     DEFAULT_MAX_FRAME,
-    LENGTH,
     Message,
     MessageType,
-    check_length,
-    frame,
-    unpack,
 )
+from spear_nb.communication.wire import Wire, poll_briefly
 from spear_nb.errors import PayloadTooLarge, ProtocolError
 
 _AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -61,76 +59,6 @@ class WireLike(Protocol):
     def read(self) -> Message | None: ...
 
     def write(self, message: Message) -> None: ...
-
-
-class Wire:
-    """Blocking framed messages over one socket."""
-
-    def __init__(self, sock: socket.socket, max_frame: int) -> None:
-        self.sock = sock
-        self.max_frame = max_frame
-        self._buffer = bytearray(256 * 1024)
-        self._start = 0
-        self._end = 0
-        self._lock = threading.Lock()
-        self.holding = False
-        self._held: list[bytes] = []
-
-    def read(self) -> Message | None:
-        """Return the next message, or None when the peer closed the connection."""
-        while True:
-            have = self._end - self._start
-            need = LENGTH.size
-            if have >= LENGTH.size:
-                (length,) = LENGTH.unpack_from(self._buffer, self._start)
-                check_length(length, self.max_frame)
-                need = LENGTH.size + length
-                if have >= need:
-                    begin = self._start + LENGTH.size
-                    self._start += need
-                    with memoryview(self._buffer) as view:
-                        return unpack(view[begin : begin + length])
-            if self._start + need > len(self._buffer):
-                self._compact(need)
-            with memoryview(self._buffer) as view:
-                received = self.sock.recv_into(view[self._end :])
-            if received == 0:
-                return None
-            self._end += received
-
-    def _compact(self, need: int) -> None:
-        pending = self._buffer[self._start : self._end]
-        if need > len(self._buffer):
-            self._buffer = bytearray(max(need, 2 * len(self._buffer)))
-        self._buffer[: len(pending)] = pending
-        self._start, self._end = 0, len(pending)
-
-    def write(self, message: Message) -> None:
-        data = frame(message, self.max_frame)
-        with self._lock:
-            if self.holding:
-                self._held.append(data)
-            else:
-                self.sock.sendall(data)
-
-    def buffered_frame(self) -> bool:
-        """Whether a whole frame is already buffered (no read would block)."""
-        have = self._end - self._start
-        if have < LENGTH.size:
-            return False
-        (length,) = LENGTH.unpack_from(self._buffer, self._start)
-        return have >= LENGTH.size + length
-
-    def hold(self) -> None:
-        """Keep replies back until :meth:`flush`, to send them in one call."""
-        self.holding = True
-
-    def flush(self) -> None:
-        with self._lock:
-            self.holding = False
-            held, self._held = self._held, []
-            if held:
-                self.sock.sendall(b"".join(held))
 
 
 def connect(env: dict[str, str]) -> socket.socket:
@@ -239,6 +167,11 @@ class Server:
         self.pool: Any = None
         self.threads: dict[int, int] = {}  # request id -> worker thread ident
         self.batch = wire if isinstance(wire, Wire) else None
+        # The direct lane: a second connection on which the host's calling
+        # thread sends calls itself (see spear_nb.communication.lane).
+        self.lane: Wire | None = None
+        self.busy_poll = 0.0  # seconds to poll for the next call before sleeping
+        self._poller: select.poll | None = None
         if concurrency > 1 or threaded:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -256,6 +189,8 @@ class Server:
             while True:
                 if batch is not None and batch.holding and not batch.buffered_frame():
                     batch.flush()  # nothing more queued: send what was held back
+                if self.lane is not None and self.serve_lane():
+                    continue
                 message = self.wire.read()
                 if message is None:
                     return EXIT_NO_HOST
@@ -270,6 +205,39 @@ class Server:
                     return EXIT_OK
         finally:
             self.shutdown()
+
+    def serve_lane(self) -> bool:
+        """Wait for the channel or the lane; serve one lane call if it is first.
+
+        Returns False when the channel has a message to read instead.
+        """
+        lane = self.lane
+        assert lane is not None and isinstance(self.wire, Wire)
+        if not lane.buffered_frame():
+            if self.wire.buffered_frame():
+                return False
+            poller = self._poller
+            if poller is None:
+                poller = self._poller = select.poll()
+                poller.register(self.wire.sock, select.POLLIN)
+                poller.register(lane.sock, select.POLLIN)
+            if self.busy_poll:
+                poll_briefly(poller, self.busy_poll)
+            ready = poller.poll()
+            if not any(fd == lane.sock.fileno() for fd, _ in ready):
+                return False
+        try:
+            message = lane.read()
+        except (OSError, ProtocolError):
+            message = None
+        if message is None or message.type is not MessageType.EXECUTE_REQUEST:
+            # The host closed the lane (or broke it): calls go on over the channel.
+            self.lane = None
+            self._poller = None
+            lane.sock.close()
+            return True
+        self.execute(message, lane)
+        return True
 
     def dispatch(self, message: Message) -> bool:
         """Act on one message from the host; return True when told to stop."""
@@ -304,7 +272,8 @@ class Server:
             ctypes.c_ulong(ident), ctypes.py_object(_Cancelled)
         )
 
-    def execute(self, request: Message) -> None:
+    def execute(self, request: Message, wire: WireLike | None = None) -> None:
+        """Run one call and reply on ``wire`` (the channel unless told otherwise)."""
         rid = request.request_id
         reply: Message
         pooled = self.pool is not None
@@ -330,16 +299,17 @@ class Server:
         except Exception as exc:
             reply = error_reply(rid, exc)
         try:
-            self.send_reply(reply)
+            self.send_reply(reply, wire)
         except _Cancelled:  # a late cancel signal while replying
-            self.send_reply(reply)
+            self.send_reply(reply, wire)
 
-    def send_reply(self, reply: Message) -> None:
+    def send_reply(self, reply: Message, wire: WireLike | None = None) -> None:
         """Send a reply; one too large to send becomes an error reply instead."""
+        out = self.wire if wire is None else wire
         try:
-            self.wire.write(reply)
+            out.write(reply)
         except PayloadTooLarge as exc:
-            self.wire.write(error_reply(reply.request_id, exc))
+            out.write(error_reply(reply.request_id, exc))
 
     def stream(self, rid: int, result: Any) -> int:
         """Send each item of an iterator as a stream chunk; return the count."""
@@ -435,8 +405,14 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
         print(f"spear_nb agent: cannot load the function: {exc!r}", file=sys.stderr)
         stop.set()
         return EXIT_LOAD
+    concurrency = int(env.get("SPEAR_CONCURRENCY", "1"))
+    lane = None
+    if env.get("SPEAR_DIRECT") == "1" and concurrency <= 1:
+        lane = open_lane(env, max_frame)  # before "ready": the first call may use it
     wire.write(Message(MessageType.SIGNAL, 0, b"", {"signal": "ready"}))
-    server = Server(wire, fn, int(env.get("SPEAR_CONCURRENCY", "1")))
+    server = Server(wire, fn, concurrency)
+    server.lane = lane
+    server.busy_poll = float(env.get("SPEAR_BUSY_POLL_US", "0")) * 1e-6
     signal.signal(signal.SIGUSR1, server.on_cancel_signal)
     try:
         return server.serve()
@@ -447,6 +423,32 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
         return EXIT_PROTOCOL
     finally:
         stop.set()
+
+
+def open_lane(env: dict[str, str], max_frame: int) -> Wire | None:
+    """Dial the host a second time for its direct lane; None if that fails.
+
+    The lane is an optimisation: without it every call comes over the channel.
+    """
+    try:
+        lane = Wire(connect(env), max_frame)
+        request = Message(MessageType.AUTH_REQUEST, 0)
+        request.headers = {
+            "instance_id": env.get("SPEAR_INSTANCE_ID", ""),
+            "secret": env.get("SPEAR_SECRET", ""),
+            "pid": os.getpid(),
+            "lane": True,
+        }
+        lane.write(request)
+        reply = lane.read()
+    except (AgentError, OSError, ProtocolError) as exc:
+        print(f"spear_nb agent: no direct lane ({exc})", file=sys.stderr)
+        return None
+    if reply is None or not reply.header("ok"):
+        print("spear_nb agent: the host refused the direct lane", file=sys.stderr)
+        lane.sock.close()
+        return None
+    return lane
 
 
 def heartbeat_forever(wire: WireLike, interval: float, stop: threading.Event) -> None:

@@ -59,6 +59,7 @@ class ChannelStats:
         self.auth_failures = 0
         self.heartbeats_sent = 0
         self.heartbeats_received = 0
+        self.direct_calls = 0  # calls made over the instance's direct lane instead
         self.connected_at: float | None = None
         self.last_activity: float | None = None
         self.round_trips: deque[float] = deque(maxlen=2048)
@@ -318,6 +319,7 @@ class Channel:
             "auth_failures": s.auth_failures,
             "heartbeats_sent": s.heartbeats_sent,
             "heartbeats_received": s.heartbeats_received,
+            "direct_calls": s.direct_calls,
             "in_flight": self.in_flight,
             "rtt_mean_ms": s.rtt_mean * 1e3,
             "rtt_p99_ms": s.rtt_p99 * 1e3,

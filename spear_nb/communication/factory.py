@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from spear_nb.communication.channel import Channel, ChannelType
+from spear_nb.communication.lane import DirectLane
 from spear_nb.communication.protocol import DEFAULT_MAX_FRAME, Message, MessageType
 from spear_nb.communication.stream import StreamChannel, StreamListener
 from spear_nb.errors import (
@@ -71,8 +72,10 @@ class CommunicationFactory:
         events: EventLog,
         max_frame: int = DEFAULT_MAX_FRAME,
         strategies: dict[str, tuple[str, ...]] | None = None,
+        busy_poll: float = 0.0,
     ) -> None:
         self.workdir = workdir
+        self.busy_poll = busy_poll  # seconds; what direct lanes poll before sleeping
         self.events = events
         self.max_frame = max_frame
         self.strategies = dict(DEFAULT_STRATEGIES)
@@ -86,6 +89,8 @@ class CommunicationFactory:
         self._connectors: dict[str, Connector] = {}
         self._history: list[Channel] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # instance id -> its direct lane; read by calling threads, changed on the loop
+        self.lanes: dict[str, DirectLane] = {}
 
     # -- dial-in transports ------------------------------------------------------
 
@@ -194,6 +199,8 @@ class CommunicationFactory:
         if not hmac.compare_digest(secret.encode(), expected.secret.encode()):
             expected.auth_failures += 1
             raise AuthenticationFailed(f"wrong secret for instance {instance_id}")
+        if channel.peer_info.get("lane"):
+            return self._accept_lane(channel, instance_id, expected)
         if expected.future.done():
             raise AuthenticationFailed(f"instance {instance_id} is already connected")
         channel.instance_id = instance_id
@@ -204,11 +211,42 @@ class CommunicationFactory:
         expected.future.set_result(channel)
         return expected.bootstrap
 
+    def _accept_lane(
+        self, channel: StreamChannel, instance_id: str, expected: _Expectation
+    ) -> bytes:
+        """Let an authenticated instance open its direct lane (one, after its
+        channel)."""
+        pooled = self._pool.get(instance_id)
+        if pooled is None or not pooled.connected or instance_id in self.lanes:
+            raise AuthenticationFailed(
+                f"instance {instance_id} cannot open a direct lane now: it has "
+                + ("one already" if instance_id in self.lanes else "no channel")
+            )
+
+        def adopt(sock: socket.socket) -> None:
+            if self._pool.get(instance_id) is not pooled or not pooled.connected:
+                sock.close()  # the instance went away meanwhile
+                return
+            self.lanes[instance_id] = DirectLane(
+                instance_id, sock, self.max_frame, self.busy_poll
+            )
+
+        channel.detach = adopt
+        return b""
+
+    def close_lane(self, instance_id: str, reason: str) -> None:
+        """Close an instance's direct lane; a call blocked on it fails with reason."""
+        lane = self.lanes.pop(instance_id, None)
+        if lane is not None:
+            lane.close(reason)
+
     def _refused(self, channel: StreamChannel, reason: str) -> None:
         self.stats.auth_failures += 1
         self.events.note("auth_refused", reason, instance_id=channel.instance_id)
 
     def _lost(self, channel: Channel) -> None:
+        if self._pool.get(channel.instance_id) is channel:
+            self.close_lane(channel.instance_id, channel.close_reason)
         if channel.close_reason != "closed by the host":
             self.events.note(
                 "channel_lost", channel.close_reason, instance_id=channel.instance_id
@@ -305,6 +343,7 @@ class CommunicationFactory:
         """Close and forget the channel of a stopped instance."""
         self._expected.pop(instance_id, None)
         self._connectors.pop(instance_id, None)
+        self.close_lane(instance_id, "the instance was stopped")
         channel = self._pool.pop(instance_id, None)
         if channel is not None:
             channel.close()

@@ -60,6 +60,9 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         self._end = 0
         self._authenticated = False
         self._outgoing: list[bytes] = []
+        # Set by the authenticator when this connection is to become a direct
+        # lane: it is then handed over as a plain socket instead of served here.
+        self.detach: Callable[[socket.socket], None] | None = None
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
 
@@ -153,6 +156,9 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         except ChannelError as exc:
             self._reject(str(exc))
             return
+        if self.detach is not None:
+            self._hand_over(message.request_id, self.detach)
+            return
         self._authenticated = True
         self.state = ChannelState.CONNECTED
         self.stats.connected_at = time.time()
@@ -160,6 +166,29 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         reply = Message(MessageType.AUTH_RESPONSE, message.request_id, bootstrap)
         reply.headers = {"ok": True}
         self.stats.sent(self._write(reply))
+
+    def _hand_over(self, rid: int, detach: Callable[[socket.socket], None]) -> None:
+        """Accept the connection as a direct lane: stop reading it on the loop
+        and pass a duplicate of its socket, with the auth reply sent, to
+        ``detach``."""
+        transport = self._transport
+        assert transport is not None
+        sock = transport.get_extra_info("socket")
+        lane = socket.socket(fileno=os.dup(sock.fileno()))
+        self._transport = None
+        self.state = ChannelState.CLOSED
+        self.close_reason = "handed over as a direct lane"
+        transport.close()  # closes the loop's descriptor only; the duplicate lives
+        reply = Message(MessageType.AUTH_RESPONSE, rid)
+        reply.headers = {"ok": True}
+        try:
+            lane.settimeout(5.0)
+            lane.sendall(frame(reply))
+        except OSError as exc:
+            logger.debug("a direct lane broke before it was used: %s", exc)
+            lane.close()
+            return
+        detach(lane)
 
     def _reject(self, reason: str) -> None:
         self.stats.auth_failures += 1

@@ -2,7 +2,11 @@
 
 ``submit_execution`` takes a request through artifact, task, instance, channel and
 execute, and emits one event per phase. Everything here runs on the session's event
-loop thread; nothing in this module is thread-safe, nor needs to be.
+loop thread, with one exception: :meth:`TaskExecutionManager.submit_direct`, the
+same phases for a synchronous call made from another thread over an idle
+instance's direct lane (:mod:`spear_nb.communication.lane`). It reads the loop's
+state but changes only what the slot lock guards, and hands its bookkeeping to
+the loop.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import enum
 import itertools
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -38,6 +43,7 @@ from spear_nb.execution.model import (
     Artifact,
     ArtifactSpec,
     Execution,
+    ExecutionMode,
     ExecutionStatus,
     Health,
     InstanceStatus,
@@ -52,6 +58,12 @@ from spear_nb.execution.scheduler import Scheduler
 from spear_nb.runtime.base import RuntimeManager
 
 logger = logging.getLogger(__name__)
+
+
+# submit_direct's answer when a call has to go through the loop instead.
+NOT_DIRECT: Any = object()
+# How soon after a direct call the loop records it, at the latest (seconds).
+DIRECT_SETTLE_DELAY = 0.05
 
 
 class ManagerState(str, enum.Enum):
@@ -91,6 +103,14 @@ class TaskExecutionManager:
         self._running: set[asyncio.Task[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        # Taking a free slot of an instance: on the loop and by direct calls.
+        self._slots = threading.Lock()
+        # Direct calls that ended and are not yet in the logs and metrics.
+        self._direct_lock = threading.Lock()
+        self._direct_done: list[
+            tuple[Execution, TaskInstance, bool, tuple[int, int]]
+        ] = []
         runtimes.context.on_instance_lost = self._instance_lost
 
     # -- phase 2: artifact and task ----------------------------------------------
@@ -264,6 +284,136 @@ class TaskExecutionManager:
                 task.metrics.finished(duration, ok)
                 self._wake(task)
 
+    # -- the same phases over a direct lane, from the calling thread ------------
+
+    def submit_direct(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run a synchronous call on an idle instance over its direct lane.
+
+        Called from the caller's own thread, never the loop's. Returns
+        :data:`NOT_DIRECT`, having done nothing, when no instance of ``name`` is
+        idle with a working lane; the call then goes through the loop.
+        """
+        started = time.perf_counter()
+        task = self.functions.get(name)
+        if task is None or self.state is not ManagerState.OPEN:
+            return NOT_DIRECT
+        lanes = self.factory.lanes
+        scheduler = self._schedulers[task.task_id]
+        with self._slots:
+            instance = scheduler.select(task.instances)
+            lane = lanes.get(instance.instance_id) if instance is not None else None
+            if instance is None or lane is None or not lane.acquire():
+                return NOT_DIRECT
+            instance.metrics.active += 1
+        instance.metrics.last_request_at = time.time()
+        execution = Execution(
+            f"ex-{next(self._execution_numbers)}", name, ExecutionMode.SYNC
+        )
+        execution.started = started
+        execution.task_id = task.task_id
+        execution.artifact_id = task.artifact.artifact_id
+        execution.instance_id = instance.instance_id
+        execution.channel_type = instance.channel_type
+        execution.direct = True
+        channel = self.factory.pooled(instance.instance_id)
+        execution.channel_id = channel.channel_id if channel is not None else ""
+        execution.timeout = timeout = task.settings.timeout
+        reserved = time.perf_counter()
+        execution.marks.extend((started, started, started, reserved, reserved))
+        execution.status = ExecutionStatus.RUNNING
+        ok = False
+        try:
+            runtime = self.runtimes.get(task.runtime)
+            result = runtime.call_direct(
+                instance, lane, args, kwargs, started + timeout, self._loop
+            )
+            execution.marks.append(time.perf_counter())
+            ok = True
+            execution.status = ExecutionStatus.SUCCEEDED
+            return result
+        except KeyboardInterrupt:
+            execution.status = ExecutionStatus.CANCELLED
+            execution.error = "interrupted (Ctrl-C)"
+            raise
+        except ExecutionTimeout as exc:
+            execution.status = ExecutionStatus.TIMED_OUT
+            execution.error = describe(exc)
+            raise
+        except ExecutionCancelled as exc:
+            execution.status = ExecutionStatus.CANCELLED
+            execution.error = describe(exc)
+            raise
+        except SpearError as exc:
+            execution.status = ExecutionStatus.FAILED
+            execution.error = describe(exc)
+            if self.state is not ManagerState.OPEN:
+                execution.error = "the session was closed"
+                raise SessionClosed(
+                    "the session was closed while this call was running"
+                ) from None
+            raise
+        finally:
+            execution.duration = time.perf_counter() - started
+            instance.metrics.active -= 1
+            traffic = (lane.sent, lane.wire.last_size if ok else 0)
+            lane.release()
+            self._direct_finished(execution, instance, ok, traffic)
+
+    def _direct_finished(
+        self,
+        execution: Execution,
+        instance: TaskInstance,
+        ok: bool,
+        traffic: tuple[int, int],
+    ) -> None:
+        """Queue a direct call's bookkeeping for the loop (the calling thread).
+
+        Waking the loop after every call would cost the caller more than the call
+        (the loop thread takes the interpreter lock just as the reply arrives), so
+        the loop settles a batch at a time: soon after the first of the batch, at
+        once if calls wait in the queue for this slot, and always before it reads
+        its state for the session (:meth:`settle_direct`).
+        """
+        with self._direct_lock:
+            first = not self._direct_done
+            self._direct_done.append((execution, instance, ok, traffic))
+        try:
+            if self._waiters.get(instance.task.task_id):
+                self._loop.call_soon_threadsafe(self.settle_direct)
+            elif first:
+                self._loop.call_soon_threadsafe(
+                    self._loop.call_later, DIRECT_SETTLE_DELAY, self.settle_direct
+                )
+        except RuntimeError:  # the loop is gone, and the logs with it
+            pass
+
+    def settle_direct(self) -> None:
+        """Record the direct calls that ended since the last time (on the loop)."""
+        with self._direct_lock:
+            if not self._direct_done:
+                return
+            done, self._direct_done = self._direct_done, []
+        for execution, instance, ok, (sent, received) in done:
+            self.executions.append(execution)
+            self.events.record_execution(execution)
+            self._count(execution)
+            duration = execution.duration or 0.0
+            instance.metrics.record(duration, ok)
+            task = instance.task
+            task.metrics.record(duration, ok)
+            channel = self.factory.pooled(instance.instance_id)
+            if channel is not None:  # the lane's traffic counts as the channel's
+                stats = channel.stats
+                stats.direct_calls += 1
+                stats.sent(sent)
+                if received:
+                    stats.received(received)
+                    stats.round_trips.append(execution.marks[-1] - execution.marks[-2])
+            execution.finished()
+            self._wake(task)
+
     def _count(self, execution: Execution) -> None:
         counts = self.outcomes.get(execution.function)
         if counts is None:
@@ -291,9 +441,11 @@ class TaskExecutionManager:
         settings = task.settings
         while True:
             self._check_open()
-            instance = scheduler.select(task.instances)
+            with self._slots:
+                instance = scheduler.select(task.instances)
+                if instance is not None:
+                    instance.metrics.started()
             if instance is not None:
-                instance.metrics.started()
                 task.metrics.started()
                 return instance, False
             if len(task.instances) + task.starting < settings.max_instances:

@@ -132,6 +132,15 @@ class Metrics:
 
     def finished(self, seconds: float, ok: bool) -> None:
         self.active -= 1
+        self.count(seconds, ok)
+
+    def record(self, seconds: float, ok: bool) -> None:
+        """Count a call whose slot was taken and given back elsewhere (a direct
+        call, which changes ``active`` in its own thread)."""
+        self.total += 1
+        self.count(seconds, ok)
+
+    def count(self, seconds: float, ok: bool) -> None:
         if ok:
             self.ok += 1
         else:
@@ -342,6 +351,7 @@ class Execution:
     # start of the first); a failed call has fewer.
     marks: list[float] = dataclasses.field(default_factory=list)
     seq: int = 0  # first sequence number of its events in the event log
+    direct: bool = False  # made over the instance's direct lane, not the loop
     listeners: list[Callable[[Execution], None]] | None = None
 
     def finished(self) -> None:
@@ -359,6 +369,7 @@ class Execution:
             "task_id": self.task_id,
             "instance_id": self.instance_id,
             "new_instance": self.new_instance,
+            "direct": self.direct,
             "submitted_at": self.submitted_at,
             "duration_ms": None if self.duration is None else self.duration * 1e3,
             "error": self.error,

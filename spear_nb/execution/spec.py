@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import shlex
@@ -23,6 +24,50 @@ from spear_nb.execution.scheduler import POLICIES
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,62}$")
 CHANNEL_TYPES = ("unix", "tcp", "grpc", "memory")
+
+
+# The keywords of Session.register that every kind of function takes.
+REGISTER_KEYWORDS = (
+    "command",
+    "handler",
+    "script",
+    "wasm",
+    "image",
+    "runtime",
+    "channel",
+    "env",
+    "cwd",
+    "timeout",
+    "max_instances",
+    "max_concurrency",
+    "idle_timeout",
+    "queue_policy",
+    "scheduler",
+)
+
+
+def unknown_keywords(
+    names: Sequence[str], kind: str, options: Sequence[str]
+) -> InvalidSpec:
+    """The error for keywords of ``register`` that neither it nor the runtime
+    knows, with the closest known name for each (a typo, most of the time)."""
+    known = [*REGISTER_KEYWORDS, *options]
+    described = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        described.append(f"{name!r}{hint}")
+    text = (
+        f"register() got an unknown keyword {', '.join(described)}; every function "
+        f"takes {', '.join(REGISTER_KEYWORDS)}"
+    )
+    if kind:
+        text += (
+            f", and a {kind} function also takes {', '.join(sorted(options))}"
+            if options
+            else f"; a {kind} function takes no other options"
+        )
+    return InvalidSpec(text)
 
 
 def check_name(name: str) -> str:
@@ -66,6 +111,8 @@ def build_spec(
         "wasm=": wasm is not None,
     }
     chosen = [k for k, v in given.items() if v]
+    if not chosen and image is None and options:
+        raise unknown_keywords(sorted(options), "", ())
     if len(chosen) != 1 and not (image is not None and len(chosen) <= 1):
         raise InvalidSpec(
             "register needs exactly one of: a callable, command=, handler=, script= "

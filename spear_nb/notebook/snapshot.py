@@ -183,6 +183,7 @@ def take(
     samples: Sequence[Sample] | None = None,
 ) -> Snapshot:
     """Read the manager's state; call on the session loop thread."""
+    manager.settle_direct()
     now = time.perf_counter()
     instances, hidden_instances = _live_first(
         frames.instance_rows(manager), "status", _ENDED

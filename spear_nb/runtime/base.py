@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 from spear_nb._cleanup import Watchdog
 from spear_nb.communication.channel import Channel
 from spear_nb.communication.factory import CommunicationFactory
+from spear_nb.communication.lane import DirectLane
 from spear_nb.config import SessionConfig
 from spear_nb.errors import ConfigurationError
 from spear_nb.execution.events import EventLog
@@ -66,6 +68,21 @@ class Runtime(abc.ABC):
         timeout: float,
     ) -> Any:
         """Run one call on the instance and return its result."""
+
+    def call_direct(
+        self,
+        instance: TaskInstance,
+        lane: DirectLane,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Any:
+        """Run one call over an instance's direct lane, in the calling thread.
+
+        Only runtimes whose instances open lanes implement it.
+        """
+        raise NotImplementedError(f"the {self.type.value} runtime has no lanes")
 
     @abc.abstractmethod
     async def stop_instance(self, instance: TaskInstance) -> None:

@@ -54,6 +54,7 @@ from spear_nb.execution.model import (
     RuntimeType,
     TaskInstance,
 )
+from spear_nb.execution.spec import unknown_keywords
 from spear_nb.runtime._agentcall import call_agent
 from spear_nb.runtime._kube import (
     GONE_WAIT,
@@ -180,10 +181,7 @@ class KubernetesRuntime(Runtime):
         options = dict(spec.options)
         unknown = sorted(set(options) - KUBERNETES_OPTIONS)
         if unknown:
-            raise InvalidSpec(
-                f"the kubernetes runtime has no option {', '.join(map(repr, unknown))}"
-                f"; its options are {', '.join(sorted(KUBERNETES_OPTIONS))}"
-            )
+            raise unknown_keywords(unknown, "kubernetes", sorted(KUBERNETES_OPTIONS))
         if spec.kind not in (
             ArtifactKind.CALLABLE,
             ArtifactKind.HANDLER,

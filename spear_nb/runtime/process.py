@@ -15,11 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 import msgpack
 
 from spear_nb.communication.channel import Channel
+from spear_nb.communication.lane import DirectLane, LaneLost, LaneTimeout
 from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.errors import (
     ChannelError,
@@ -35,11 +37,13 @@ from spear_nb.execution.model import (
     ArtifactKind,
     ArtifactSpec,
     Execution,
+    InstanceStatus,
     InvokeFunctionRequest,
     RuntimeType,
     TaskInstance,
 )
-from spear_nb.runtime._agentcall import call_agent
+from spear_nb.execution.spec import unknown_keywords
+from spear_nb.runtime._agentcall import call_agent, decode_reply, dumps_arguments
 from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.zygote import Zygote
 
@@ -115,10 +119,16 @@ class ProcessRuntime(Runtime):
     def validate(self, spec: ArtifactSpec) -> None:
         unknown = sorted(set(dict(spec.options)) - PROCESS_OPTIONS)
         if unknown:
-            raise InvalidSpec(
-                f"the process runtime has no option {', '.join(map(repr, unknown))}; "
-                f"its options are {', '.join(sorted(PROCESS_OPTIONS))}"
-            )
+            from spear_nb.runtime.kubernetes import KUBERNETES_OPTIONS
+
+            error = unknown_keywords(unknown, "process", sorted(PROCESS_OPTIONS))
+            pod_only = [name for name in unknown if name in KUBERNETES_OPTIONS]
+            if pod_only:
+                error.args = (
+                    f"{error.args[0]}. {', '.join(pod_only)}: an option of functions "
+                    "that run in Kubernetes pods, which needs image=",
+                )
+            raise error
         if spec.kind is ArtifactKind.COMMAND:
             if not spec.command:
                 raise InvalidSpec("a command needs at least the program to run")
@@ -297,6 +307,13 @@ class ProcessRuntime(Runtime):
                 "SPEAR_CONCURRENCY": (
                     "1" if spec.option("pipeline") else str(instance.capacity)
                 ),
+                # One call at a time: a lane for the session's blocking calls.
+                "SPEAR_DIRECT": (
+                    "1"
+                    if self.context.config.direct_calls and instance.capacity == 1
+                    else "0"
+                ),
+                "SPEAR_BUSY_POLL_US": str(self.context.factory.busy_poll * 1e6),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -473,6 +490,84 @@ class ProcessRuntime(Runtime):
             give_up,
             interrupt,
         )
+
+    def call_direct(
+        self,
+        instance: TaskInstance,
+        lane: DirectLane,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> Any:
+        handle = instance.handle
+        assert isinstance(handle, ProcessHandle)
+        message = Message(MessageType.EXECUTE_REQUEST, 0, dumps_arguments(args, kwargs))
+
+        def check() -> str:
+            # Read from this thread, written on the loop: a stale answer only
+            # delays the verdict by one read slice.
+            if handle.exited.done() or instance.status is not InstanceStatus.READY:
+                return instance.failure or f"instance {instance.instance_id} stopped"
+            return ""
+
+        try:
+            reply = lane.call(message, deadline, check)
+        except LaneTimeout:
+            self._stop_direct(instance, handle, lane, message.request_id)
+            raise ExecutionTimeout(
+                f"the call on instance {instance.instance_id} ran past its timeout "
+                f"of {instance.task.settings.timeout:g} s and was cancelled"
+            ) from None
+        except KeyboardInterrupt:
+            self._stop_direct(instance, handle, lane, message.request_id)
+            raise
+        except LaneLost as exc:
+            lane.close(str(exc))
+            raise self._explain_direct(instance, str(exc), loop) from None
+        return decode_reply(reply, instance)
+
+    def _stop_direct(
+        self,
+        instance: TaskInstance,
+        handle: ProcessHandle,
+        lane: DirectLane,
+        rid: int,
+    ) -> None:
+        """Interrupt a direct call and wait for the instance to confirm; kill the
+        instance if it does not (it is replaced, as on the channel)."""
+        if lane.broken or handle.exited.done():
+            return
+        grace = self.context.config.stop_grace
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGUSR1)
+        try:
+            lane.reply(rid, time.perf_counter() + grace, lambda: "")
+            return
+        except (LaneLost, LaneTimeout, KeyboardInterrupt):
+            pass
+        reason = (
+            f"instance {instance.instance_id} did not stop a cancelled call "
+            f"within {grace:g} s"
+        )
+        lane.close(reason)
+        logger.warning("%s; killing it", reason)
+        self._kill(handle)
+
+    def _explain_direct(
+        self, instance: TaskInstance, reason: str, loop: asyncio.AbstractEventLoop
+    ) -> SpearError:
+        """The clearest error for a lane lost mid-call, such as the exit code."""
+        lost = ChannelError(
+            f"the direct lane to instance {instance.instance_id} was lost: {reason}"
+        )
+        try:
+            future = asyncio.run_coroutine_threadsafe(
+                self._lost_during_call(instance, lost), loop
+            )
+            return future.result(timeout=5.0)
+        except Exception:  # the loop is closing: say what the lane saw
+            return lost
 
     async def _lost_during_call(
         self, instance: TaskInstance, exc: ChannelError

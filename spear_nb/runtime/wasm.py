@@ -64,6 +64,7 @@ from spear_nb.execution.model import (
     RuntimeType,
     TaskInstance,
 )
+from spear_nb.execution.spec import unknown_keywords
 from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.process import read_tail
 
@@ -119,10 +120,7 @@ class Limits:
         options = dict(spec.options)
         unknown = sorted(set(options) - set(OPTIONS))
         if unknown:
-            raise InvalidSpec(
-                f"unknown option(s) for a wasm function: {', '.join(unknown)}; "
-                f"known: {', '.join(OPTIONS)}"
-            )
+            raise unknown_keywords(unknown, "wasm", OPTIONS)
         memory = options.get("memory_limit_mb")
         if memory is not None and (
             isinstance(memory, bool)

@@ -427,7 +427,7 @@ def test_registration_refuses_what_pods_cannot_run(session) -> None:
         session.register("f", command=["wc"], runtime="kubernetes", image=IMAGE)
     with pytest.raises(spear_nb.InvalidSpec, match="over gRPC"):
         session.register("f", _remote.inc, image=IMAGE, channel="unix")
-    with pytest.raises(spear_nb.InvalidSpec, match="no option 'gpu'"):
+    with pytest.raises(spear_nb.InvalidSpec, match="unknown keyword 'gpu'"):
         session.register("f", _remote.inc, image=IMAGE, gpu=1)
     with pytest.raises(spear_nb.InvalidSpec, match="image_pull_policy"):
         session.register("f", _remote.inc, image=IMAGE, image_pull_policy="Maybe")

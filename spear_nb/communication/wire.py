@@ -1,0 +1,111 @@
+"""Blocking framed messages over one socket: the agent's side of a channel, and
+the host's direct lane (:mod:`spear_nb.communication.lane`).
+
+It imports only the standard library and the protocol module, so an agent that
+uses it still starts within a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import threading
+import time
+
+from spear_nb.communication.protocol import (
+    LENGTH,
+    Message,
+    check_length,
+    frame,
+    unpack,
+)
+
+
+class Wire:
+    """Blocking framed messages over one socket."""
+
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self._buffer = bytearray(256 * 1024)
+        self._start = 0
+        self._end = 0
+        self._lock = threading.Lock()
+        self.last_size = 0  # bytes of the last frame read, its length prefix included
+        self.holding = False
+        self._held: list[bytes] = []
+
+    def read(self) -> Message | None:
+        """Return the next message, or None when the peer closed the connection."""
+        while True:
+            have = self._end - self._start
+            need = LENGTH.size
+            if have >= LENGTH.size:
+                (length,) = LENGTH.unpack_from(self._buffer, self._start)
+                check_length(length, self.max_frame)
+                need = LENGTH.size + length
+                if have >= need:
+                    begin = self._start + LENGTH.size
+                    self._start += need
+                    self.last_size = need
+                    with memoryview(self._buffer) as view:
+                        return unpack(view[begin : begin + length])
+            if self._start + need > len(self._buffer):
+                self._compact(need)
+            with memoryview(self._buffer) as view:
+                received = self.sock.recv_into(view[self._end :])
+            if received == 0:
+                return None
+            self._end += received
+
+    def _compact(self, need: int) -> None:
+        pending = self._buffer[self._start : self._end]
+        if need > len(self._buffer):
+            self._buffer = bytearray(max(need, 2 * len(self._buffer)))
+        self._buffer[: len(pending)] = pending
+        self._start, self._end = 0, len(pending)
+
+    def encode(self, message: Message) -> bytes:
+        """One frame of ``message``; PayloadTooLarge if it exceeds the limit."""
+        return frame(message, self.max_frame)
+
+    def write(self, message: Message) -> None:
+        data = frame(message, self.max_frame)
+        with self._lock:
+            if self.holding:
+                self._held.append(data)
+            else:
+                self.sock.sendall(data)
+
+    def buffered_frame(self) -> bool:
+        """Whether a whole frame is already buffered (no read would block)."""
+        have = self._end - self._start
+        if have < LENGTH.size:
+            return False
+        (length,) = LENGTH.unpack_from(self._buffer, self._start)
+        return have >= LENGTH.size + length
+
+    def hold(self) -> None:
+        """Keep replies back until :meth:`flush`, to send them in one call."""
+        self.holding = True
+
+    def flush(self) -> None:
+        with self._lock:
+            self.holding = False
+            held, self._held = self._held, []
+            if held:
+                self.sock.sendall(b"".join(held))
+
+
+def poll_briefly(poller: select.poll, seconds: float) -> None:
+    """Look for input for up to ``seconds`` without sleeping.
+
+    A process woken from sleep on this kind of machine (a virtual CPU that was
+    halted) answers tens of microseconds later than one that is still running;
+    polling a little first saves that on back-to-back messages. The CPU is
+    yielded between looks, so a peer on the same CPU still gets to run.
+    """
+    until = time.perf_counter() + seconds
+    while not poller.poll(0) and time.perf_counter() < until:
+        os.sched_yield()

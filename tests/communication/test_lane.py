@@ -1,0 +1,242 @@
+"""The direct lane: blocking calls from a thread talk to an idle instance
+themselves, and every fault on that path ends as it does on the channel."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+import spear_nb
+from spear_nb.communication.protocol import Message, MessageType, frame
+from spear_nb.communication.wire import Wire
+from tests import _remote
+
+
+def _directs(s: spear_nb.Session) -> list[bool]:
+    return s.executions()["direct"].tolist()
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_warm_blocking_calls_take_the_lane_and_are_recorded(kind) -> None:
+    with spear_nb.Session(stop_grace=0.5) as s:
+        s.register("inc", _remote.inc, channel=kind)
+        results = [s.invoke("inc", i) for i in range(20)]
+        assert results == [i + 1 for i in range(20)]
+
+        # The first call started the instance through the loop; the rest went
+        # over its lane, and the records show them at once.
+        assert _directs(s) == [False] + [True] * 19
+        (channel,) = s.channels().to_dict("records")
+        assert channel["type"] == kind
+        assert channel["direct_calls"] == 19
+        assert channel["messages_sent"] >= 20
+        assert channel["bytes_received"] > 0
+        assert channel["rtt_mean_ms"] > 0
+        (task,) = s.tasks().to_dict("records")
+        assert task["requests_total"] == task["requests_ok"] == 20
+        (instance,) = s.instances().to_dict("records")
+        assert instance["requests_total"] == 20
+        assert instance["active"] == 0
+        phases = s.events().query("execution_id == 'ex-20'")["phase"].tolist()
+        assert phases == ["request", "artifact", "task", "instance", "channel", "execute"]
+
+
+def test_direct_calls_can_be_turned_off() -> None:
+    with spear_nb.Session(direct_calls=False) as s:
+        for i in range(5):
+            assert s.invoke(_remote.inc, i) == i + 1
+        assert _directs(s) == [False] * 5
+        assert s.channels()["direct_calls"].tolist() == [0]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"max_concurrency": 2}, {"max_concurrency": 4, "pipeline": True}],
+    ids=["threads", "pipeline"],
+)
+def test_instances_serving_several_calls_at_once_have_no_lane(settings) -> None:
+    with spear_nb.Session() as s:
+        s.register("inc", _remote.inc, **settings)
+        for i in range(5):
+            assert s.invoke("inc", i) == i + 1
+        assert not any(_directs(s))
+
+
+def test_async_and_stream_calls_stay_on_the_loop(session) -> None:
+    session.register("inc", _remote.inc)
+    session.register("count", _remote.count_up)
+    assert session.invoke("inc", 1) == 2
+    assert session.submit("inc", 2).result(30) == 3
+    assert list(session.stream("count", 3)) == list(_remote.count_up(3))
+    assert session.invoke("inc", 3) == 4
+    assert _directs(session) == [False, False, False, True]
+
+
+def test_calls_from_many_threads_mix_lane_and_loop() -> None:
+    with spear_nb.Session(execution_timeout=60) as s:
+        s.register("add", _remote.add, max_instances=2)
+        s.scale("add", 2)
+        wrong: list[object] = []
+
+        def caller(k: int) -> None:
+            for i in range(150):
+                try:
+                    if s.invoke("add", k, i) != k + i:
+                        wrong.append((k, i))
+                except BaseException as exc:  # noqa: BLE001 - every failure counts
+                    wrong.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert wrong == []
+        directs = _directs(s)
+        assert len(directs) == 1200
+        assert any(directs) and not all(directs)  # busy instances: some queue
+        (task,) = s.tasks().to_dict("records")
+        assert task["requests_total"] == task["requests_ok"] == 1200
+        assert s.instances()["active"].tolist() == [0, 0]
+
+
+def test_ctrl_c_during_a_direct_call_stops_it_and_keeps_the_instance(
+    session, ready
+) -> None:
+    session.register("block", _remote.report_and_block)
+    assert session.invoke("block", None, "warm") == "warm"
+    (pid,) = session.instances()["pid"]
+    main = threading.main_thread().ident
+    assert main is not None and threading.current_thread().ident == main
+
+    def interrupt_when_running() -> None:
+        ready.wait()
+        signal.pthread_kill(main, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_when_running)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            session.invoke("block", ready.port, "never")
+    finally:
+        interrupter.join(60)
+    assert ready.wait_closed()  # the function was interrupted inside the instance
+    assert session.invoke("block", None, "next") == "next"
+    assert session.instances()["pid"].tolist() == [pid]
+    table = session.executions()
+    assert table["status"].tolist() == ["succeeded", "cancelled", "succeeded"]
+    assert table["direct"].tolist() == [False, True, True]
+
+
+def test_timeout_of_a_direct_call_interrupts_it(ready) -> None:
+    with spear_nb.Session(stop_grace=2.0) as s:
+        s.register("block", _remote.report_and_block, timeout=0.5)
+        assert s.invoke("block", None, "warm") == "warm"
+        (pid,) = s.instances()["pid"]
+        started = time.monotonic()
+        with pytest.raises(spear_nb.ExecutionTimeout, match="timeout of 0.5 s"):
+            s.invoke("block", ready.port, "never")
+        assert time.monotonic() - started < 5
+        assert s.invoke("block", None, "again") == "again"
+        assert s.instances()["pid"].tolist() == [pid]  # interrupted, not killed
+        assert s.executions()["status"].tolist() == [
+            "succeeded",
+            "timed_out",
+            "succeeded",
+        ]
+
+
+def test_instance_killed_during_a_direct_call(session, ready) -> None:
+    session.register("victim", _remote.report_and_block)
+    assert session.invoke("victim", None, "warm") == "warm"
+
+    def kill_when_running() -> None:
+        os.kill(ready.wait(), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_running)
+    killer.start()
+    try:
+        with pytest.raises(spear_nb.InstanceCrashed, match="SIGKILL"):
+            session.invoke("victim", ready.port, "never")
+    finally:
+        killer.join(60)
+    assert session.invoke("victim", None, "again") == "again"
+    table = session.executions()
+    assert table["status"].tolist() == ["succeeded", "failed", "succeeded"]
+    assert table["direct"].tolist()[:2] == [False, True]
+
+
+def test_a_paused_instance_fails_its_direct_call_by_heartbeat(ready) -> None:
+    with spear_nb.Session(
+        stop_grace=0.5, heartbeat_interval=0.2, heartbeat_misses=3
+    ) as s:
+        s.register("victim", _remote.report_and_block)
+        assert s.invoke("victim", None, "warm") == "warm"
+
+        def stop_when_running() -> None:
+            os.kill(ready.wait(), signal.SIGSTOP)
+
+        stopper = threading.Thread(target=stop_when_running)
+        stopper.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(spear_nb.ChannelError, match="heartbeats missed"):
+                s.invoke("victim", ready.port, "never")
+        finally:
+            stopper.join(60)
+        assert time.monotonic() - started < 10
+        assert s.invoke("victim", None, "again") == "again"
+        assert s.executions()["direct"].tolist()[1] is True
+
+
+def test_close_fails_a_direct_call_in_flight_with_session_closed(ready) -> None:
+    s = spear_nb.Session(stop_grace=0.5)
+    s.register("block", _remote.report_and_block)
+    assert s.invoke("block", None, "warm") == "warm"
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            s.invoke("block", ready.port, "never")
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    ready.wait()
+    s.close()
+    caller.join(30)
+    assert not caller.is_alive()
+    (error,) = errors
+    assert isinstance(error, spear_nb.SessionClosed), repr(error)
+
+
+def _lane_auth(address: str, instance_id: str, secret: str) -> Message | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    try:
+        sock.connect(address)
+        request = Message(MessageType.AUTH_REQUEST, 0)
+        request.headers = {"instance_id": instance_id, "secret": secret, "lane": True}
+        sock.sendall(frame(request))
+        return Wire(sock, 1 << 20).read()
+    finally:
+        sock.close()
+
+
+def test_a_second_lane_or_a_wrong_secret_is_refused(session) -> None:
+    assert session.invoke(_remote.inc, 1) == 2
+    manager = session._manager
+    (instance,) = manager.instances.values()
+    address = manager.factory.listener_addresses()["unix"]
+    for secret, why in ((instance.secret, "one already"), ("guess", "wrong secret")):
+        reply = _lane_auth(address, instance.instance_id, secret)
+        assert reply is not None and reply.header("ok") is False
+        assert why in reply.payload.decode()
+    assert session.invoke(_remote.inc, 2) == 3
+    assert _directs(session) == [False, True]
