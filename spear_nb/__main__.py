@@ -14,7 +14,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log lifecycle")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("demo", help="run three kinds of function on real input")
+    commands.add_parser(
+        "demo", help="run each kind of process function on a chapter of Dickens"
+    )
     commands.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.verbose:

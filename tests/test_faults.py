@@ -158,7 +158,8 @@ def test_result_that_cannot_be_pickled(session) -> None:
     with pytest.raises(spear_nb.RemoteError) as info:
         session.invoke("lock")
     assert info.value.remote_type == "TypeError"
-    assert "pickle" in info.value.remote_message
+    assert "returned a lock that cannot be pickled" in info.value.remote_message
+    assert "cloudpickle" not in info.value.remote_traceback
     assert_usable(session)
 
 

@@ -330,7 +330,15 @@ def dumps(value: Any) -> bytes:
     except (pickle.PicklingError, TypeError, AttributeError):
         import cloudpickle
 
-        return cloudpickle.dumps(value, protocol=5)
+        try:
+            return cloudpickle.dumps(value, protocol=5)
+        except Exception as exc:
+            # Raised without the pickler's frames: they say nothing useful.
+            raise TypeError(
+                f"the function returned a {type(value).__qualname__} that cannot be "
+                f"pickled to send back ({exc}); return plain data instead, for "
+                "example the values you need from it"
+            ) from None
 
 
 def error_reply(rid: int, exc: BaseException) -> Message:

@@ -99,7 +99,7 @@ class Channel:
     type: ChannelType = ChannelType.MEMORY
 
     def __init__(self, instance_id: str = "", address: str = "") -> None:
-        self.channel_id = f"ch-{next(_channel_ids)}"
+        self._channel_id = ""
         self.instance_id = instance_id
         self.address = address
         self.state = ChannelState.CONNECTING
@@ -110,10 +110,21 @@ class Channel:
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._streams: dict[int, StreamCallback] = {}
         self._sent_at: dict[int, float] = {}
+        # Requests answered after their caller stopped waiting (a cancel racing
+        # the reply): there is nothing left to cancel in the instance.
+        self._answered_late: set[int] = set()
         self._lost_callbacks: list[Callable[[Channel], None]] = []
         self._ready: asyncio.Future[None] | None = None
         self.expects_heartbeats = False  # the peer beats; silence means it is lost
         self.peer_info: dict[str, Any] = {}  # what the peer said of itself at auth
+
+    @property
+    def channel_id(self) -> str:
+        """``ch-N``, numbered when first asked for: a connection that only opens
+        a direct lane, and is never shown, takes no number."""
+        if not self._channel_id:
+            self._channel_id = f"ch-{next(_channel_ids)}"
+        return self._channel_id
 
     # -- what subclasses provide -------------------------------------------------
 
@@ -188,6 +199,9 @@ class Channel:
         """
         if self._ready is None:
             self._ready = asyncio.get_running_loop().create_future()
+            # Nobody may be left to await it (a start that was cancelled): its
+            # failure is then reported elsewhere, not as "never retrieved".
+            self._ready.add_done_callback(_retrieve)
         return self._ready
 
     def expect_reply(self, request_id: int, future: asyncio.Future[Message]) -> None:
@@ -199,6 +213,11 @@ class Channel:
         self._pending.pop(request_id, None)
         self._streams.pop(request_id, None)
         self._sent_at.pop(request_id, None)
+        self._answered_late.discard(request_id)
+
+    def answered(self, request_id: int) -> bool:
+        """Whether the response to a request came after its caller gave up."""
+        return request_id in self._answered_late
 
     def on_lost(self, callback: Callable[[Channel], None]) -> None:
         """Call ``callback(channel)`` once when the channel is lost or closed."""
@@ -234,6 +253,8 @@ class Channel:
             self._streams.pop(rid, None)
             if future is not None and not future.done():
                 future.set_result(message)
+            elif future is not None:
+                self._answered_late.add(rid)
             elif future is None and kind is MessageType.ERROR and rid == 0:
                 self._resolve_ready(remote_error(message.payload))
             return
@@ -333,6 +354,11 @@ class Channel:
             f"<Channel {self.channel_id} {self.type.value} to {self.instance_id} "
             f"{self.state.value}>"
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def remote_error(payload: bytes) -> RemoteError:

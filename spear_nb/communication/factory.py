@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -89,6 +90,8 @@ class CommunicationFactory:
         self._connectors: dict[str, Connector] = {}
         self._history: list[Channel] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
+        # Instances stopped lately: one may still dial in, and is refused quietly.
+        self._released: deque[str] = deque(maxlen=256)
         # instance id -> its direct lane; read by calling threads, changed on the loop
         self.lanes: dict[str, DirectLane] = {}
 
@@ -195,6 +198,11 @@ class CommunicationFactory:
         expected = self._expected.get(instance_id)
         if expected is None:
             self.stats.unknown_instance_attempts += 1
+            if instance_id in self._released:
+                channel.quiet = True  # it was stopped while it was dialling in
+                raise AuthenticationFailed(
+                    f"instance {instance_id!r} was stopped before it connected"
+                )
             raise AuthenticationFailed(f"no instance {instance_id!r} is expected")
         if not hmac.compare_digest(secret.encode(), expected.secret.encode()):
             expected.auth_failures += 1
@@ -341,7 +349,8 @@ class CommunicationFactory:
 
     def release(self, instance_id: str) -> None:
         """Close and forget the channel of a stopped instance."""
-        self._expected.pop(instance_id, None)
+        if self._expected.pop(instance_id, None) is not None:
+            self._released.append(instance_id)
         self._connectors.pop(instance_id, None)
         self.close_lane(instance_id, "the instance was stopped")
         channel = self._pool.pop(instance_id, None)

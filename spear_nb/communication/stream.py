@@ -63,6 +63,7 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         # Set by the authenticator when this connection is to become a direct
         # lane: it is then handed over as a plain socket instead of served here.
         self.detach: Callable[[socket.socket], None] | None = None
+        self.quiet = False  # a refusal that is expected, logged at debug only
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
 
@@ -192,7 +193,8 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
 
     def _reject(self, reason: str) -> None:
         self.stats.auth_failures += 1
-        logger.warning("refused a %s connection: %s", self.type.value, reason)
+        level = logging.DEBUG if self.quiet else logging.WARNING
+        logger.log(level, "refused a %s connection: %s", self.type.value, reason)
         if self._on_auth_failure is not None:
             self._on_auth_failure(self, reason)
         if self._transport is not None and not self._transport.is_closing():

@@ -163,7 +163,11 @@ class EventLog:
                 if len(marks) > 3
                 else ""
             ),
-            "channel": execution.channel_type,
+            "channel": (
+                f"{execution.channel_type} (direct lane)"
+                if execution.direct
+                else execution.channel_type
+            ),
         }
         for index, phase in enumerate(PHASES):
             if index < len(marks):

@@ -457,10 +457,20 @@ class TaskExecutionManager:
             if settings.queue_policy is QueuePolicy.REJECT or (
                 len(waiters) >= settings.max_queue
             ):
+                cap = settings.max_instances
+                busy = (
+                    "its only instance is" if cap == 1 else f"all {cap} instances are"
+                )
+                if settings.queue_policy is QueuePolicy.REJECT:
+                    why = "busy and its queue_policy is 'reject'"
+                    fix = "use queue_policy='wait'"
+                else:
+                    why = f"busy and its queue is full ({len(waiters)} calls wait)"
+                    fix = "raise max_queue (a Session setting)"
                 raise ResourceExhausted(
-                    f"all {settings.max_instances} instances of {task.name!r} are "
-                    f"busy and {len(waiters)} calls already wait; raise "
-                    "max_instances or max_queue, or call again later"
+                    f"{task.name!r} cannot take this call: {busy} {why}; raise "
+                    f"max_instances (now {cap}) in register(), {fix}, or call again "
+                    "later"
                 )
             await self._wait_for_slot(task, deadline)
 
@@ -498,7 +508,13 @@ class TaskExecutionManager:
             await runtime.start_instance(instance)
             self._check_open()
         except BaseException as exc:
-            instance.failure = describe(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                # Not a fault of the instance: the call that needed it went away.
+                instance.failure = (
+                    "its start was cancelled with the call that needed it"
+                )
+            else:
+                instance.failure = describe(exc)
             instance.move(InstanceStatus.FAILED)
             instance.health = Health.UNHEALTHY
             self.factory.release(instance.instance_id)

@@ -124,7 +124,8 @@ def build_spec(
         raise InvalidSpec(f"image must be a string, got {image!r}")
     if channel is not None and channel not in CHANNEL_TYPES:
         raise InvalidSpec(
-            f"unknown channel type {channel!r}; use one of {', '.join(CHANNEL_TYPES)}"
+            f"unknown channel type {channel!r}; a process function or pod takes "
+            "channel='unix', 'tcp' or 'grpc' (WASM functions always use 'memory')"
         )
     runtime_type = _runtime(runtime, wasm is not None, image is not None)
     all_options = dict(options or {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import html
 import time
 from collections.abc import Mapping
@@ -38,6 +39,18 @@ def render_macro(template: str, macro: str, **values: Any) -> str:
     return str(getattr(module, macro)(values))
 
 
+def _readable(name: str, value: Any) -> Any:
+    """Times (``*_at`` seconds since the epoch) as UTC timestamps, enums as their
+    values: what the DataFrames show, so the two read alike."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if name.endswith("_at") and isinstance(value, float):
+        import pandas as pd
+
+        return pd.Timestamp(value, unit="s", tz="UTC")
+    return value
+
+
 class Inspection(Mapping[str, Any]):
     """Details of one object of the session, shown as a table in notebooks."""
 
@@ -46,7 +59,7 @@ class Inspection(Mapping[str, Any]):
     ) -> None:
         self.kind = kind
         self.key = key
-        self._details = details
+        self._details = {name: _readable(name, v) for name, v in details.items()}
         self._chart = chart  # HTML drawn under the table (an execution's phases)
 
     def __getitem__(self, name: str) -> Any:

@@ -87,7 +87,9 @@ async def call_agent(
     try:
         reply = await future
     except (asyncio.CancelledError, ExecutionTimeout):
-        await _cancel(instance, channel, rid, grace, give_up, interrupt)
+        if not (future.done() and not future.cancelled() and not future.exception()):
+            await _cancel(instance, channel, rid, grace, give_up, interrupt)
+        # else the reply came just before the cancel: nothing runs any more
         raise
     except ChannelError as exc:
         raise await explain(exc) from exc
@@ -106,7 +108,7 @@ async def _cancel(
     interrupt: Interrupt | None,
 ) -> None:
     """Ask the agent to stop call ``rid`` and wait for it to confirm."""
-    if not channel.connected:
+    if not channel.connected or channel.answered(rid):
         return
     with contextlib.suppress(ChannelError):
         channel.send(Message(MessageType.SIGNAL, rid, b"", {"signal": "cancel"}))
