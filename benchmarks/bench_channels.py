@@ -7,7 +7,8 @@ In one run:
   ``channel=`` override) and memory (a WASM reactor, the runtime that uses it);
 - the raw baselines: a blocking Unix-socket echo, the same echo called from an
   asyncio client (streams, on the session's kind of loop) and a grpc.aio
-  bidirectional-stream ping-pong, all with a 100-byte payload;
+  bidirectional-stream ping-pong, in one process and with the server in a second
+  process as an agent is, all with a 100-byte payload;
 - throughput of the async API with 64 calls in flight on one unix channel, with
   the calls pipelined in the instance and with a thread pool there;
 - bytes per second for 1 MiB and 16 MiB payloads per channel type.
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import time
 from typing import Any
@@ -96,6 +98,52 @@ def grpc_pingpong(n: int) -> dict[str, float]:
     return asyncio.run(main())
 
 
+def _serve_grpc_echo(ports: Any) -> None:
+    """The child of :func:`grpc_pingpong_two_processes`: echo until killed."""
+
+    async def main() -> None:
+        server = grpc.aio.server()
+        spear_pb2_grpc.add_AgentServicer_to_server(_Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        ports.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def grpc_pingpong_two_processes(n: int) -> dict[str, float]:
+    """The same ping-pong with the server in another process, as an agent is."""
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    child = context.Process(target=_serve_grpc_echo, args=(ports,), daemon=True)
+    child.start()
+    try:
+        port = ports.get(timeout=60)
+
+        async def main() -> dict[str, float]:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            call = spear_pb2_grpc.AgentStub(channel).Connect()
+
+            async def once() -> None:
+                await call.write(spear_pb2.Frame(body=PAYLOAD))
+                await call.read()
+
+            result = await timed_async(once, n)
+            await call.done_writing()
+            await channel.close()
+            return result
+
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(main())
+        finally:
+            loop.close()
+    finally:
+        child.kill()
+        child.join(10)
+
+
 def spear_latency(session: spear_nb.Session, name: str, n: int) -> dict[str, float]:
     session.invoke(name, PAYLOAD)
 
@@ -147,6 +195,7 @@ def main() -> None:
         "raw_blocking_unix_echo": blocking_echo(n),
         "raw_asyncio_unix_echo": asyncio_echo(n),
         "raw_grpc_bidi_pingpong": grpc_pingpong(n),
+        "raw_grpc_bidi_pingpong_two_processes": grpc_pingpong_two_processes(n),
     }
     with spear_nb.Session() as s:
         for kind in ("unix", "tcp", "grpc"):
@@ -175,14 +224,21 @@ def main() -> None:
             print(f"{key:<28}{value['median_us']:>8.0f}us{value['p99_us']:>8.0f}us")
         elif isinstance(value, float):
             print(f"{key:<40}{value:>12.0f}")
-    unix = results["spear_unix_async"]["median_us"]
-    grpc_ours = results["spear_grpc_async"]["median_us"]
     blocking = results["raw_blocking_unix_echo"]["median_us"]
-    print(f"unix vs blocking echo: {unix / blocking:.2f}x")
-    print(
-        f"grpc vs raw grpc ping-pong: "
-        f"{grpc_ours / results['raw_grpc_bidi_pingpong']['median_us']:.2f}x"
-    )
+    grpc_ours = results["spear_grpc_async"]["median_us"]
+    ratios = {
+        "unix_sync_vs_blocking_echo": results["spear_unix_sync"]["median_us"]
+        / blocking,
+        "unix_async_vs_blocking_echo": results["spear_unix_async"]["median_us"]
+        / blocking,
+        "grpc_vs_raw_pingpong_one_process": grpc_ours
+        / results["raw_grpc_bidi_pingpong"]["median_us"],
+        "grpc_vs_raw_pingpong_two_processes": grpc_ours
+        / results["raw_grpc_bidi_pingpong_two_processes"]["median_us"],
+    }
+    results["ratios"] = ratios
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -35,7 +35,7 @@ COLD_SPEAR = "spear process instance (fork from the zygote)"
 COMPONENTS = {
     "bench_process": ["--calls", "2000"],
     "bench_channels": ["--calls", "1000"],
-    "bench_wasm": ["--calls", "2000", "--instances", "300"],
+    "bench_wasm": ["--calls", "2000", "--instances", "1000"],
     "bench_kubernetes": ["--calls", "300", "--rounds", "4", "--cold", "5"],
 }
 QUICK = {
@@ -276,6 +276,158 @@ def check(value: float, target: float) -> str:
     return f"{value:.2f}x (target ≥ {target:g}x: {verdict})"
 
 
+def _get(data: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+# Every target an issue names that a component benchmark measures:
+# (issue, what, benchmark, figure, kind, limit, unit). kind "max": the figure
+# must be at most the limit; "min": at least.
+ISSUE_TARGETS = [
+    (
+        2,
+        "warm sync invoke / ProcessPoolExecutor",
+        "bench_process",
+        "ratios.warm_vs_process_pool",
+        "max",
+        0.5,
+        "x",
+    ),
+    (
+        2,
+        "warm sync invoke / raw blocking Unix echo",
+        "bench_process",
+        "ratios.warm_vs_raw_echo",
+        "max",
+        3,
+        "x",
+    ),
+    (
+        2,
+        "cold start / python -c pass",
+        "bench_process",
+        "ratios.cold_vs_python_start",
+        "max",
+        2,
+        "x",
+    ),
+    (
+        2,
+        "agent idle RSS (MiB; 30 MB = 28.6 MiB)",
+        "bench_process",
+        "spear_agent_idle_rss_mib",
+        "max",
+        28.6,
+        "",
+    ),
+    (
+        3,
+        "unix (sync, direct lane) / blocking echo",
+        "bench_channels",
+        "ratios.unix_sync_vs_blocking_echo",
+        "max",
+        3,
+        "x",
+    ),
+    (
+        3,
+        "unix (async, on the loop) / blocking echo",
+        "bench_channels",
+        "ratios.unix_async_vs_blocking_echo",
+        "max",
+        3,
+        "x",
+    ),
+    (
+        3,
+        "grpc / raw grpc.aio ping-pong, server in a second process",
+        "bench_channels",
+        "ratios.grpc_vs_raw_pingpong_two_processes",
+        "max",
+        1.5,
+        "x",
+    ),
+    (
+        3,
+        "grpc / raw grpc.aio ping-pong, both ends in one process",
+        "bench_channels",
+        "ratios.grpc_vs_raw_pingpong_one_process",
+        "max",
+        1.5,
+        "x",
+    ),
+    (
+        3,
+        "async API, 64 in flight on one unix channel (calls/s, pipelined)",
+        "bench_channels",
+        "throughput_64_pipelined_per_s",
+        "min",
+        30000,
+        "",
+    ),
+    (
+        4,
+        "warm reactor, async API / direct wasmtime call (alloc, write, handle, read)",
+        "bench_wasm",
+        "ratios.async_vs_direct_whole_abi",
+        "max",
+        2,
+        "x",
+    ),
+    (
+        4,
+        "warm reactor, async API / direct call of the handle export alone",
+        "bench_wasm",
+        "ratios.async_vs_direct_handle_only",
+        "max",
+        2,
+        "x",
+    ),
+    (
+        4,
+        "cached module, first call (µs)",
+        "bench_wasm",
+        "cold_cached_first_call.median_us",
+        "max",
+        2000,
+        "",
+    ),
+    (
+        5,
+        "pod warm invoke / process instance over grpc",
+        "bench_kubernetes",
+        "ratios.pod_warm_vs_process_grpc_warm",
+        "max",
+        1.2,
+        "x",
+    ),
+]
+
+
+def issue_targets(results: dict[str, Any]) -> list[str]:
+    """The table of every target the issues name, from the component runs."""
+    lines = [
+        "| issue | target | figure | limit | |",
+        "|---:|---|---:|---:|---|",
+    ]
+    for issue, what, bench, path, kind, limit, unit in ISSUE_TARGETS:
+        value = _get(results.get(bench, {}), path)
+        if not isinstance(value, (int, float)):
+            lines.append(f"| {issue} | {what} | (not measured) | | |")
+            continue
+        met = value <= limit if kind == "max" else value >= limit
+        sign = "≤" if kind == "max" else "≥"
+        lines.append(
+            f"| {issue} | {what} | {value:,.2f}{unit} | {sign} {limit:,g}{unit} | "
+            f"{'met' if met else 'NOT met'} |"
+        )
+    return lines
+
+
 def document(results: dict[str, Any], figures: dict[str, str]) -> str:
     peers = results["peers"]
     m = results["machine"]
@@ -324,13 +476,20 @@ def document(results: dict[str, Any], figures: dict[str, str]) -> str:
     on_loop = warm.get("spear process/unix (async, on the session loop)")
     lines += [
         "",
-        f"Warm invoke is `Session.invoke` (the blocking facade, one thread hop to "
-        f"the session's loop and back) on a warm process instance over its Unix "
+        "The other targets the issues name, from the component benchmarks below "
+        "(same run):",
+        "",
+        *issue_targets(results),
+        "",
+        f"Warm invoke is `Session.invoke` (the blocking facade, which talks to an "
+        f"idle instance over its direct lane, without crossing to the session's "
+        f"loop) on a warm process instance over its Unix "
         f"socket. The same call awaited on the session's loop takes "
         f"{on_loop['median_us']:,.0f} µs"
         + (
             f" ({warm['ProcessPoolExecutor']['median_us'] / on_loop['median_us']:.1f}x"
-            " faster than ProcessPoolExecutor)."
+            " faster than ProcessPoolExecutor): the path of `ainvoke`, `submit` "
+            "and `map`."
             if on_loop
             else "."
         ),
