@@ -9,8 +9,9 @@ In one run:
   asyncio client (streams, on the session's kind of loop) and a grpc.aio
   bidirectional-stream ping-pong, in one process and with the server in a second
   process as an agent is, all with a 100-byte payload;
-- throughput of the async API with 64 calls in flight on one unix channel, with
-  the calls pipelined in the instance and with a thread pool there;
+- throughput of the async API with 64 calls in flight on one unix channel (64
+  callers in a closed loop), with the calls pipelined in the instance and with a
+  thread pool there, and pipelined with one task per call gathered;
 - bytes per second for 1 MiB and 16 MiB payloads per channel type.
 """
 
@@ -76,22 +77,28 @@ class _Echo(spear_pb2_grpc.AgentServicer):
             yield frame
 
 
+async def _pingpong(address: str, n: int) -> dict[str, float]:
+    """Time ``n`` round trips of one frame on one bidirectional stream."""
+    channel = grpc.aio.insecure_channel(address)
+    call = spear_pb2_grpc.AgentStub(channel).Connect()
+
+    async def once() -> None:
+        await call.write(spear_pb2.Frame(body=PAYLOAD))
+        await call.read()
+
+    result = await timed_async(once, n)
+    await call.done_writing()
+    await channel.close()
+    return result
+
+
 def grpc_pingpong(n: int) -> dict[str, float]:
     async def main() -> dict[str, float]:
         server = grpc.aio.server()
         spear_pb2_grpc.add_AgentServicer_to_server(_Echo(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        call = spear_pb2_grpc.AgentStub(channel).Connect()
-
-        async def once() -> None:
-            await call.write(spear_pb2.Frame(body=PAYLOAD))
-            await call.read()
-
-        result = await timed_async(once, n)
-        await call.done_writing()
-        await channel.close()
+        result = await _pingpong(f"127.0.0.1:{port}", n)
         await server.stop(None)
         return result
 
@@ -121,22 +128,9 @@ def grpc_pingpong_two_processes(n: int) -> dict[str, float]:
     try:
         port = ports.get(timeout=60)
 
-        async def main() -> dict[str, float]:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-            call = spear_pb2_grpc.AgentStub(channel).Connect()
-
-            async def once() -> None:
-                await call.write(spear_pb2.Frame(body=PAYLOAD))
-                await call.read()
-
-            result = await timed_async(once, n)
-            await call.done_writing()
-            await channel.close()
-            return result
-
         loop = new_event_loop()
         try:
-            return loop.run_until_complete(main())
+            return loop.run_until_complete(_pingpong(f"127.0.0.1:{port}", n))
         finally:
             loop.close()
     finally:
@@ -158,6 +152,26 @@ def spear_sync(session: spear_nb.Session, name: str, n: int) -> dict[str, float]
 
 
 def throughput(session: spear_nb.Session, name: str, n: int = 20000) -> float:
+    """Calls per second with 64 in flight: 64 callers on the session's loop, each
+    making its next call as soon as its last one returns (a closed loop)."""
+
+    async def run() -> float:
+        async def caller(count: int) -> None:
+            for i in range(count):
+                await session._invoke(name, (i,), {})
+
+        start = time.perf_counter()
+        await asyncio.gather(*(caller(n // 64) for _ in range(64)))
+        return 64 * (n // 64) / (time.perf_counter() - start)
+
+    session.invoke(name, 0)
+    return session._loop.run(run())
+
+
+def throughput_gathered(session: spear_nb.Session, name: str, n: int = 20000) -> float:
+    """The same with every call a task of its own, 64 let through at a time by a
+    semaphore: what ``asyncio.gather`` over all the calls costs on top."""
+
     async def run() -> float:
         limit = asyncio.Semaphore(64)
 
@@ -213,6 +227,9 @@ def main() -> None:
         s.register("tput_threads", echo, max_concurrency=64)
         results["throughput_64_pipelined_per_s"] = throughput(s, "tput_pipelined")
         results["throughput_64_threads_per_s"] = throughput(s, "tput_threads")
+        results["throughput_64_pipelined_gathered_per_s"] = throughput_gathered(
+            s, "tput_pipelined"
+        )
         for kind in ("unix", "tcp", "grpc"):
             for size in (1 << 20, 16 << 20):
                 key = f"bandwidth_{kind}_{size >> 20}MiB_MB_per_s"

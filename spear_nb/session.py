@@ -297,7 +297,9 @@ class Session:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        request = await self._request(function, args, kwargs, ExecutionMode.SYNC)
+        if not isinstance(function, str):
+            function = await self._resolve(function)
+        request = self._request_for(function, args, kwargs, ExecutionMode.SYNC)
         return await self._manager.submit_execution(request)
 
     async def _request(
@@ -309,6 +311,16 @@ class Session:
         on_chunk: Callable[[Any], None] | None = None,
     ) -> InvokeFunctionRequest:
         name = function if isinstance(function, str) else await self._resolve(function)
+        return self._request_for(name, args, kwargs, mode, on_chunk)
+
+    def _request_for(
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        mode: ExecutionMode,
+        on_chunk: Callable[[Any], None] | None = None,
+    ) -> InvokeFunctionRequest:
         task = self._manager.function(name)
         request = InvokeFunctionRequest(
             name, args, kwargs, mode=mode, on_chunk=on_chunk

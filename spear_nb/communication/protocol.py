@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import threading
 import time
 from typing import Any
 
@@ -78,19 +79,29 @@ class Message:
         )
 
 
+_packers = threading.local()  # a Packer per thread: making one per call costs more
+
+
 def pack(message: Message) -> bytes:
     """Encode a message body (without the length prefix)."""
-    return msgpack.packb(
-        [
-            message.version,
-            int(message.type),
-            message.request_id,
-            message.timestamp,
-            message.payload,
-            message.headers,
-        ],
-        use_bin_type=True,
-    )
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True)
+    try:
+        return packer.pack(
+            [
+                message.version,
+                int(message.type),
+                message.request_id,
+                message.timestamp,
+                message.payload,
+                message.headers,
+            ]
+        )
+    except BaseException:
+        packer.reset()  # a failed pack may leave part of the message buffered
+        raise
 
 
 def frame(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:

@@ -66,6 +66,17 @@ NOT_DIRECT: Any = object()
 DIRECT_SETTLE_DELAY = 0.05
 
 
+def _ended_by(execution: Execution, exc: SpearError) -> None:
+    """Record the error that ended a call, and the status it means."""
+    if isinstance(exc, ExecutionTimeout):
+        execution.status = ExecutionStatus.TIMED_OUT
+    elif isinstance(exc, ExecutionCancelled):
+        execution.status = ExecutionStatus.CANCELLED
+    else:
+        execution.status = ExecutionStatus.FAILED
+    execution.error = describe(exc)
+
+
 class ManagerState(str, enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
@@ -218,7 +229,13 @@ class TaskExecutionManager:
         ok = False
         try:
             marks.append(time.perf_counter())
-            instance, new = await self.get_or_create_instance(task, started + timeout)
+            # The warm case without a coroutine call; otherwise create or wait.
+            instance = self._reserve(task) if self.state is ManagerState.OPEN else None
+            new = False
+            if instance is None:
+                instance, new = await self.get_or_create_instance(
+                    task, started + timeout
+                )
             execution.instance_id = instance.instance_id
             execution.new_instance = new
             runtime = self.runtimes.get(task.runtime)
@@ -254,23 +271,16 @@ class TaskExecutionManager:
                     "the session was closed while this call was running"
                 ) from None
             raise
-        except ExecutionTimeout as exc:
-            execution.status = ExecutionStatus.TIMED_OUT
-            execution.error = describe(exc)
-            raise
-        except ExecutionCancelled as exc:
-            execution.status = ExecutionStatus.CANCELLED
-            execution.error = describe(exc)
+        except (ExecutionTimeout, ExecutionCancelled) as exc:
+            _ended_by(execution, exc)
             raise
         except (InstanceCrashed, ChannelError) as exc:
-            execution.status = ExecutionStatus.FAILED
-            execution.error = describe(exc)
+            _ended_by(execution, exc)
             if instance is not None:
                 self._instance_lost(instance, describe(exc))
             raise
         except SpearError as exc:
-            execution.status = ExecutionStatus.FAILED
-            execution.error = describe(exc)
+            _ended_by(execution, exc)
             raise
         finally:
             if current is not None:
@@ -337,18 +347,11 @@ class TaskExecutionManager:
             execution.status = ExecutionStatus.CANCELLED
             execution.error = "interrupted (Ctrl-C)"
             raise
-        except ExecutionTimeout as exc:
-            execution.status = ExecutionStatus.TIMED_OUT
-            execution.error = describe(exc)
-            raise
-        except ExecutionCancelled as exc:
-            execution.status = ExecutionStatus.CANCELLED
-            execution.error = describe(exc)
-            raise
         except SpearError as exc:
-            execution.status = ExecutionStatus.FAILED
-            execution.error = describe(exc)
-            if self.state is not ManagerState.OPEN:
+            _ended_by(execution, exc)
+            if execution.status is ExecutionStatus.FAILED and (
+                self.state is not ManagerState.OPEN
+            ):
                 execution.error = "the session was closed"
                 raise SessionClosed(
                     "the session was closed while this call was running"
@@ -437,16 +440,11 @@ class TaskExecutionManager:
         self, task: Task, deadline: float
     ) -> tuple[TaskInstance, bool]:
         """A ready instance with a free slot: reused, created, or waited for."""
-        scheduler = self._schedulers[task.task_id]
         settings = task.settings
         while True:
             self._check_open()
-            with self._slots:
-                instance = scheduler.select(task.instances)
-                if instance is not None:
-                    instance.metrics.started()
+            instance = self._reserve(task)
             if instance is not None:
-                task.metrics.started()
                 return instance, False
             if len(task.instances) + task.starting < settings.max_instances:
                 instance = await self._create_instance(task)
@@ -473,6 +471,16 @@ class TaskExecutionManager:
                     "later"
                 )
             await self._wait_for_slot(task, deadline)
+
+    def _reserve(self, task: Task) -> TaskInstance | None:
+        """Take a free slot of a ready instance, if the scheduler finds one."""
+        with self._slots:
+            instance = self._schedulers[task.task_id].select(task.instances)
+            if instance is None:
+                return None
+            instance.metrics.started()
+        task.metrics.started()
+        return instance
 
     async def _wait_for_slot(self, task: Task, deadline: float) -> None:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
