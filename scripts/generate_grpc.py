@@ -39,7 +39,9 @@ def generate(into: pathlib.Path) -> None:
     grpc_module = into / "spear_pb2_grpc.py"
     text = grpc_module.read_text()
     grpc_module.write_text(
-        text.replace("import spear_pb2 as spear__pb2", "from . import spear_pb2 as spear__pb2")
+        text.replace(
+            "import spear_pb2 as spear__pb2", "from . import spear_pb2 as spear__pb2"
+        )
     )
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any
 
 from spear_nb.communication.protocol import DEFAULT_MAX_FRAME
 from spear_nb.errors import ConfigurationError
@@ -17,6 +20,11 @@ class SessionConfig:
     Every field has a default; a function's own settings (``register(...,
     timeout=...)``) override the task defaults given here.
     """
+
+    def __new__(cls, *args: Any, **settings: Any) -> SessionConfig:
+        # Before the generated __init__, whose TypeError would name no fix.
+        check_settings(settings)
+        return super().__new__(cls)
 
     max_instances_per_task: int = 50
     max_concurrency_per_instance: int = 1
@@ -122,3 +130,20 @@ class SessionConfig:
             max_queue=self.max_queue,
             scheduler=self.scheduler,
         )
+
+
+def check_settings(settings: Mapping[str, Any]) -> None:
+    """Refuse settings that SessionConfig does not have, naming the closest."""
+    known = [f.name for f in dataclasses.fields(SessionConfig)]
+    unknown = [name for name in settings if name not in known]
+    if not unknown:
+        return
+    described = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        described.append(f"{name!r}{hint}")
+    raise ConfigurationError(
+        f"there is no session setting {', '.join(described)}; the settings are "
+        f"{', '.join(known)} (see spear_nb.SessionConfig)"
+    )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import difflib
 import enum
 import itertools
 import logging
@@ -83,7 +81,6 @@ class Session:
         if config is not None and settings:
             raise ConfigurationError("pass either a SessionConfig or keyword settings")
         if config is None:
-            _check_settings(settings)
             config = SessionConfig(**settings)
         self.config = config
         self.session_id = f"s{os.getpid()}-{next(_session_numbers)}"
@@ -882,22 +879,4 @@ def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
         return bytes(payload)
     raise InvalidSpec(
         f"{name!r} takes bytes (or str, sent as UTF-8), not {type(payload).__name__}"
-    )
-
-
-def _check_settings(settings: Mapping[str, Any]) -> None:
-    """Refuse keyword settings that SessionConfig does not have, naming the
-    closest real one."""
-    known = [f.name for f in dataclasses.fields(SessionConfig)]
-    unknown = [name for name in settings if name not in known]
-    if not unknown:
-        return
-    described = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        described.append(f"{name!r}{hint}")
-    raise ConfigurationError(
-        f"Session() has no setting {', '.join(described)}; the settings are "
-        f"{', '.join(known)} (see spear_nb.SessionConfig)"
     )

@@ -203,3 +203,16 @@ def sized_chunks(sizes):
     """Yield ``b"y" * n`` for each ``n`` in ``sizes``."""
     for n in sizes:
         yield b"y" * n
+
+
+def deaf_sleep(seconds):
+    """Sleep with the cancel signal blocked: a call that cannot be interrupted,
+    like a long C call, so that cancelling it ends with its instance killed."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        time.sleep(seconds)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
+    return seconds

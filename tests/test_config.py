@@ -46,9 +46,20 @@ def test_wrongly_typed_or_negative_values_are_configuration_errors(kwargs) -> No
         SessionConfig(**kwargs)
 
 
-def test_unknown_setting() -> None:
-    with pytest.raises(ConfigurationError, match="max_instances_pre_task"):
-        spear_nb.Session(max_instances_pre_task=3)
+@pytest.mark.parametrize("make", [spear_nb.Session, SessionConfig])
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("max_instances_pre_task", "max_instances_per_task"),
+        ("timout", "execution_timeout"),
+        ("heartbeat_intervall", "heartbeat_interval"),
+    ],
+)
+def test_a_mistyped_setting_names_the_closest_real_one(make, typo, meant) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        make(**{typo: 3})
+    assert f"{typo!r} (did you mean {meant!r}?)" in str(info.value)
+    assert "stop_grace" in str(info.value)  # and the whole list
 
 
 def test_config_and_keywords_together() -> None:

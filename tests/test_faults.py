@@ -34,7 +34,27 @@ def test_unknown_function(session) -> None:
     assert isinstance(info.value, SpearError)
     assert "no_such_function" in str(info.value)
     assert "not registered" in str(info.value) or "no function" in str(info.value)
+    with pytest.raises(spear_nb.FunctionNotFound, match=r"did you mean 'inc'\?"):
+        session.invoke("inx", 1)
     assert_usable(session)
+
+
+@pytest.mark.parametrize(
+    ("keywords", "expected"),
+    [
+        ({"max_instance": 2}, "'max_instance' (did you mean 'max_instances'?)"),
+        ({"timout": 1}, "'timout' (did you mean 'timeout'?)"),
+        ({"fuel": 10}, "'fuel': an option of wasm functions"),
+        ({"cpu": "1"}, "'cpu': an option of kubernetes functions"),
+    ],
+)
+def test_a_mistyped_or_misplaced_register_keyword_is_named(
+    session, keywords, expected
+) -> None:
+    with pytest.raises(spear_nb.InvalidSpec) as info:
+        session.register("f", _remote.inc, **keywords)
+    assert expected in str(info.value)
+    assert "max_concurrency" in str(info.value)  # the keywords it does take
 
 
 def test_empty_command(session) -> None:

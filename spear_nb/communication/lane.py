@@ -87,6 +87,11 @@ class DirectLane:
             return False
         return True
 
+    @property
+    def in_use(self) -> bool:
+        """Whether a thread holds the lane for a call now."""
+        return self._lock.locked()
+
     def release(self) -> None:
         """Give the lane back; a lane that broke meanwhile is closed now."""
         if self.broken:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import difflib
 import enum
 import itertools
 import logging
@@ -209,10 +210,7 @@ class TaskExecutionManager:
             execution.status = ExecutionStatus.FAILED
             execution.error = "unknown function"
             self._count(execution)
-            raise FunctionNotFound(
-                f"no function named {request.function!r} is registered; registered: "
-                + (", ".join(sorted(self.functions)) or "none")
-            )
+            raise self._not_found(request.function)
         marks.append(time.perf_counter())  # request done, artifact looked up
         artifact = task.artifact
         execution.task_id = task.task_id
@@ -309,29 +307,39 @@ class TaskExecutionManager:
         task = self.functions.get(name)
         if task is None or self.state is not ManagerState.OPEN:
             return NOT_DIRECT
-        lanes = self.factory.lanes
+        request_done = time.perf_counter()
+        artifact = task.artifact
+        artifact_done = time.perf_counter()
         scheduler = self._schedulers[task.task_id]
+        timeout = task.settings.timeout
+        task_done = time.perf_counter()
+        lanes = self.factory.lanes
         with self._slots:
             instance = scheduler.select(task.instances)
-            lane = lanes.get(instance.instance_id) if instance is not None else None
-            if instance is None or lane is None or not lane.acquire():
+            if instance is None:
+                return NOT_DIRECT
+            instance_done = time.perf_counter()
+            lane = lanes.get(instance.instance_id)
+            if lane is None or not lane.acquire():
                 return NOT_DIRECT
             instance.metrics.active += 1
+        channel_done = time.perf_counter()
         instance.metrics.last_request_at = time.time()
         execution = Execution(
             f"ex-{next(self._execution_numbers)}", name, ExecutionMode.SYNC
         )
         execution.started = started
         execution.task_id = task.task_id
-        execution.artifact_id = task.artifact.artifact_id
+        execution.artifact_id = artifact.artifact_id
         execution.instance_id = instance.instance_id
         execution.channel_type = instance.channel_type
         execution.direct = True
         channel = self.factory.pooled(instance.instance_id)
         execution.channel_id = channel.channel_id if channel is not None else ""
-        execution.timeout = timeout = task.settings.timeout
-        reserved = time.perf_counter()
-        execution.marks.extend((started, started, started, reserved, reserved))
+        execution.timeout = timeout
+        execution.marks.extend(
+            (request_done, artifact_done, task_done, instance_done, channel_done)
+        )
         execution.status = ExecutionStatus.RUNNING
         ok = False
         try:
@@ -345,13 +353,14 @@ class TaskExecutionManager:
             return result
         except KeyboardInterrupt:
             execution.status = ExecutionStatus.CANCELLED
-            execution.error = "interrupted (Ctrl-C)"
+            execution.error = "cancelled (Ctrl-C)"
             raise
         except SpearError as exc:
             _ended_by(execution, exc)
-            if execution.status is ExecutionStatus.FAILED and (
+            if execution.status is not ExecutionStatus.TIMED_OUT and (
                 self.state is not ManagerState.OPEN
             ):
+                execution.status = ExecutionStatus.CANCELLED
                 execution.error = "the session was closed"
                 raise SessionClosed(
                     "the session was closed while this call was running"
@@ -680,8 +689,16 @@ class TaskExecutionManager:
     def function(self, name: str) -> Task:
         task = self.functions.get(name)
         if task is None:
-            raise FunctionNotFound(f"no function named {name!r} is registered")
+            raise self._not_found(name)
         return task
+
+    def _not_found(self, name: str) -> FunctionNotFound:
+        close = difflib.get_close_matches(name, list(self.functions), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return FunctionNotFound(
+            f"no function named {name!r} is registered{hint}; registered: "
+            + (", ".join(sorted(self.functions)) or "none")
+        )
 
     def _check_open(self) -> None:
         if self.state is not ManagerState.OPEN:
@@ -703,6 +720,10 @@ class TaskExecutionManager:
             self._maintenance.cancel()
         for running in list(self._running):
             running.cancel()
+        for instance_id, lane in list(self.factory.lanes.items()):
+            instance = self.instances.get(instance_id)
+            if lane.in_use and instance is not None:  # a direct call runs there
+                self.runtimes.get(instance.task.runtime).interrupt(instance)
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():

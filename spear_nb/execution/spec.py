@@ -26,6 +26,34 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,62}$")
 CHANNEL_TYPES = ("unix", "tcp", "grpc", "memory")
 
 
+# Options (further keywords of Session.register) of each kind of function.
+# register(..., pipeline=True): calls run one after another on the instance's main
+# thread, up to max_concurrency of them in flight.
+PROCESS_OPTIONS = frozenset({"pipeline"})
+WASM_OPTIONS = ("convention", "fuel", "memory_limit_mb")
+# Options of register(..., runtime="kubernetes").
+KUBERNETES_OPTIONS = frozenset(
+    {
+        "image",  # the container image (spear_nb installed); kind IMAGE uses target
+        "image_pull_policy",  # Always, IfNotPresent or Never
+        "cpu",  # CPU request, e.g. "250m"
+        "memory",  # memory request, e.g. "256Mi"
+        "cpu_limit",
+        "memory_limit",
+        "resources",  # a whole V1ResourceRequirements dict instead of the four above
+        "pod_template",  # a pod manifest (dict) the pod is built on
+        "port",  # the agent's gRPC port in the pod; default: a free local port
+        "labels",
+        "annotations",
+    }
+)
+# Where a keyword that one kind of function lacks belongs, for the error.
+_OPTION_OWNERS = (
+    ("wasm", WASM_OPTIONS, "wasm="),
+    ("kubernetes", KUBERNETES_OPTIONS, "image="),
+    ("process", PROCESS_OPTIONS, "a callable, handler= or script="),
+)
+
 # The keywords of Session.register that every kind of function takes.
 REGISTER_KEYWORDS = (
     "command",
@@ -67,6 +95,13 @@ def unknown_keywords(
             if options
             else f"; a {kind} function takes no other options"
         )
+    for owner, owned, how in _OPTION_OWNERS:
+        theirs = [name for name in names if name in owned and owner != kind]
+        if theirs:
+            text += (
+                f". {', '.join(map(repr, theirs))}: an option of {owner} functions "
+                f"(registered with {how})"
+            )
     return InvalidSpec(text)
 
 
@@ -125,7 +160,8 @@ def build_spec(
     if channel is not None and channel not in CHANNEL_TYPES:
         raise InvalidSpec(
             f"unknown channel type {channel!r}; a process function or pod takes "
-            "channel='unix', 'tcp' or 'grpc' (WASM functions always use 'memory')"
+            "channel='unix', 'tcp' or 'grpc' (WASM functions always use 'memory', "
+            "commands 'stdio')"
         )
     runtime_type = _runtime(runtime, wasm is not None, image is not None)
     all_options = dict(options or {})

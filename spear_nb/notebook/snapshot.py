@@ -278,6 +278,7 @@ def channel_cells(row: dict[str, Any]) -> dict[str, Any]:
         + (f" (from {row['fallback_from']})" if row["fallback_from"] else ""),
         "state": row["state"],
         "messages": f"{row['messages_sent']} / {row['messages_received']}",
+        "direct": str(row["direct_calls"]),
         "bytes": f"{size(row['bytes_sent'])} / {size(row['bytes_received'])}",
         "errors": str(row["errors"] + row["auth_failures"]),
         "rtt": f"{ms(row['rtt_mean_ms'])} / {ms(row['rtt_p99_ms'])}",

@@ -84,6 +84,9 @@ class Runtime(abc.ABC):
         """
         raise NotImplementedError(f"the {self.type.value} runtime has no lanes")
 
+    def interrupt(self, instance: TaskInstance) -> None:  # noqa: B027 - optional
+        """Interrupt the call an instance runs now, where the runtime can."""
+
     @abc.abstractmethod
     async def stop_instance(self, instance: TaskInstance) -> None:
         """Stop the instance politely, then by force; never raise."""

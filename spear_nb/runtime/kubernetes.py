@@ -54,7 +54,7 @@ from spear_nb.execution.model import (
     RuntimeType,
     TaskInstance,
 )
-from spear_nb.execution.spec import unknown_keywords
+from spear_nb.execution.spec import KUBERNETES_OPTIONS, unknown_keywords
 from spear_nb.runtime._agentcall import call_agent
 from spear_nb.runtime._kube import (
     GONE_WAIT,
@@ -84,22 +84,6 @@ LABEL_TASK = "spear-nb/task"
 LABEL_INSTANCE = "spear-nb/instance"
 CONTAINER = "agent"
 AGENT_COMMAND = ("python", "-m", "spear_nb.agent")
-# Options of register(..., runtime="kubernetes").
-KUBERNETES_OPTIONS = frozenset(
-    {
-        "image",  # the container image (spear_nb installed); kind IMAGE uses target
-        "image_pull_policy",  # Always, IfNotPresent or Never
-        "cpu",  # CPU request, e.g. "250m"
-        "memory",  # memory request, e.g. "256Mi"
-        "cpu_limit",
-        "memory_limit",
-        "resources",  # a whole V1ResourceRequirements dict instead of the four above
-        "pod_template",  # a pod manifest (dict) the pod is built on
-        "port",  # the agent's gRPC port in the pod; default: a free local port
-        "labels",
-        "annotations",
-    }
-)
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 LOG_TAIL_LINES = 200
 CLIENT_THREADS = 4

@@ -37,12 +37,13 @@ from spear_nb.execution.model import (
     ArtifactKind,
     ArtifactSpec,
     Execution,
+    Health,
     InstanceStatus,
     InvokeFunctionRequest,
     RuntimeType,
     TaskInstance,
 )
-from spear_nb.execution.spec import unknown_keywords
+from spear_nb.execution.spec import PROCESS_OPTIONS, unknown_keywords
 from spear_nb.runtime._agentcall import call_agent, decode_reply, dumps_arguments
 from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.zygote import Zygote
@@ -53,7 +54,6 @@ STDERR_TAIL = 2000
 # register(..., pipeline=True): up to max_concurrency calls in flight to one
 # instance, run one after another on its main thread (cheapest per call for quick
 # functions); without it they run in a thread pool of that size.
-PROCESS_OPTIONS = frozenset({"pipeline"})
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,16 +119,7 @@ class ProcessRuntime(Runtime):
     def validate(self, spec: ArtifactSpec) -> None:
         unknown = sorted(set(dict(spec.options)) - PROCESS_OPTIONS)
         if unknown:
-            from spear_nb.runtime.kubernetes import KUBERNETES_OPTIONS
-
-            error = unknown_keywords(unknown, "process", sorted(PROCESS_OPTIONS))
-            pod_only = [name for name in unknown if name in KUBERNETES_OPTIONS]
-            if pod_only:
-                error.args = (
-                    f"{error.args[0]}. {', '.join(pod_only)}: an option of functions "
-                    "that run in Kubernetes pods, which needs image=",
-                )
-            raise error
+            raise unknown_keywords(unknown, "process", sorted(PROCESS_OPTIONS))
         if spec.kind is ArtifactKind.COMMAND:
             if not spec.command:
                 raise InvalidSpec("a command needs at least the program to run")
@@ -469,15 +460,11 @@ class ProcessRuntime(Runtime):
         handle = instance.handle
         assert isinstance(handle, ProcessHandle)
 
-        def interrupt() -> None:
-            # Breaks blocking C calls (sleep, I/O) of a call on the main thread.
-            if not handle.exited.done():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(handle.pid, signal.SIGUSR1)
-
         def give_up(reason: str) -> None:
             logger.warning("%s; killing it", reason)
             self._kill(handle)
+            # Out of service now: the next call must not be sent to it.
+            self.context.on_instance_lost(instance, f"{reason}; it was killed")
 
         return await call_agent(
             instance,
@@ -488,8 +475,16 @@ class ProcessRuntime(Runtime):
             self.context.config.stop_grace,
             lambda exc: self._lost_during_call(instance, exc),
             give_up,
-            interrupt,
+            lambda: self.interrupt(instance),
         )
+
+    def interrupt(self, instance: TaskInstance) -> None:
+        """Interrupt the call running on an agent's main thread (SIGUSR1): it
+        breaks blocking C calls (sleep, I/O) too."""
+        handle = instance.handle
+        if isinstance(handle, ProcessHandle) and not handle.exited.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(handle.pid, signal.SIGUSR1)
 
     def call_direct(
         self,
@@ -514,13 +509,13 @@ class ProcessRuntime(Runtime):
         try:
             reply = lane.call(message, deadline, check)
         except LaneTimeout:
-            self._stop_direct(instance, handle, lane, message.request_id)
+            self._stop_direct(instance, handle, lane, message.request_id, loop)
             raise ExecutionTimeout(
                 f"the call on instance {instance.instance_id} ran past its timeout "
                 f"of {instance.task.settings.timeout:g} s and was cancelled"
             ) from None
         except KeyboardInterrupt:
-            self._stop_direct(instance, handle, lane, message.request_id)
+            self._stop_direct(instance, handle, lane, message.request_id, loop)
             raise
         except LaneLost as exc:
             lane.close(str(exc))
@@ -533,14 +528,14 @@ class ProcessRuntime(Runtime):
         handle: ProcessHandle,
         lane: DirectLane,
         rid: int,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Interrupt a direct call and wait for the instance to confirm; kill the
         instance if it does not (it is replaced, as on the channel)."""
         if lane.broken or handle.exited.done():
             return
         grace = self.context.config.stop_grace
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(handle.pid, signal.SIGUSR1)
+        self.interrupt(instance)
         try:
             lane.reply(rid, time.perf_counter() + grace, lambda: "")
             return
@@ -553,6 +548,13 @@ class ProcessRuntime(Runtime):
         lane.close(reason)
         logger.warning("%s; killing it", reason)
         self._kill(handle)
+        # Out of service at once (the loop takes it out of its task next), so
+        # that the next call from this thread does not pick it.
+        instance.health = Health.UNHEALTHY
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(
+                self.context.on_instance_lost, instance, f"{reason}; it was killed"
+            )
 
     def _explain_direct(
         self, instance: TaskInstance, reason: str, loop: asyncio.AbstractEventLoop

@@ -64,7 +64,7 @@ from spear_nb.execution.model import (
     RuntimeType,
     TaskInstance,
 )
-from spear_nb.execution.spec import unknown_keywords
+from spear_nb.execution.spec import WASM_OPTIONS, unknown_keywords
 from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.process import read_tail
 
@@ -89,7 +89,7 @@ STDERR_TAIL = 2000
 WASI = "wasi_snapshot_preview1"
 HOST = "spear"
 HOST_IMPORTS = {"log": (("i32", "i32"), ()), "now_ns": ((), ("i64",))}
-OPTIONS = ("convention", "fuel", "memory_limit_mb")
+OPTIONS = WASM_OPTIONS
 PAGE = 65536
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF

@@ -43,7 +43,14 @@ def test_warm_blocking_calls_take_the_lane_and_are_recorded(kind) -> None:
         assert instance["requests_total"] == 20
         assert instance["active"] == 0
         phases = s.events().query("execution_id == 'ex-20'")["phase"].tolist()
-        assert phases == ["request", "artifact", "task", "instance", "channel", "execute"]
+        assert phases == [
+            "request",
+            "artifact",
+            "task",
+            "instance",
+            "channel",
+            "execute",
+        ]
 
 
 def test_direct_calls_can_be_turned_off() -> None:
@@ -88,7 +95,7 @@ def test_calls_from_many_threads_mix_lane_and_loop() -> None:
                 try:
                     if s.invoke("add", k, i) != k + i:
                         wrong.append((k, i))
-                except BaseException as exc:  # noqa: BLE001 - every failure counts
+                except BaseException as exc:
                     wrong.append(exc)
 
         threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
@@ -139,7 +146,7 @@ def test_timeout_of_a_direct_call_interrupts_it(ready) -> None:
         assert s.invoke("block", None, "warm") == "warm"
         (pid,) = s.instances()["pid"]
         started = time.monotonic()
-        with pytest.raises(spear_nb.ExecutionTimeout, match="timeout of 0.5 s"):
+        with pytest.raises(spear_nb.ExecutionTimeout, match=r"timeout of 0\.5 s"):
             s.invoke("block", ready.port, "never")
         assert time.monotonic() - started < 5
         assert s.invoke("block", None, "again") == "again"
@@ -203,7 +210,7 @@ def test_close_fails_a_direct_call_in_flight_with_session_closed(ready) -> None:
     def call() -> None:
         try:
             s.invoke("block", ready.port, "never")
-        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+        except BaseException as exc:
             errors.append(exc)
 
     caller = threading.Thread(target=call)
@@ -240,3 +247,67 @@ def test_a_second_lane_or_a_wrong_secret_is_refused(session) -> None:
         assert why in reply.payload.decode()
     assert session.invoke(_remote.inc, 2) == 3
     assert _directs(session) == [False, True]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "loop"])
+def test_the_call_after_an_instance_killed_on_timeout_gets_a_new_one(direct) -> None:
+    with spear_nb.Session(stop_grace=0.3, direct_calls=direct) as s:
+        s.register("deaf", _remote.deaf_sleep, timeout=0.3)
+        assert s.invoke("deaf", 0) == 0
+        (old_pid,) = s.instances()["pid"]
+        with pytest.raises(spear_nb.ExecutionTimeout):
+            s.invoke("deaf", 30)  # cannot be interrupted: its instance is killed
+        # At once, not after the loop noticed the exit: a new instance serves it.
+        assert s.invoke("deaf", 0) == 0
+        table = s.instances().set_index("pid")
+        assert table.loc[old_pid, "status"] in ("failed", "stopped")
+        assert "it was killed" in table.loc[old_pid, "failure"]
+        (new,) = table[table["status"] == "ready"].index
+        assert new != old_pid
+        statuses = s.executions()["status"].tolist()
+        assert statuses == ["succeeded", "timed_out", "succeeded"]
+        assert s.executions()["direct"].tolist()[1] is direct
+
+
+def test_close_interrupts_a_direct_call_instead_of_waiting_for_it(ready) -> None:
+    s = spear_nb.Session(stop_grace=10.0)
+    s.register("block", _remote.report_and_block)
+    assert s.invoke("block", None, "warm") == "warm"
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            s.invoke("block", ready.port, "never")
+        except BaseException as exc:
+            errors.append(exc)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    ready.wait()
+    started = time.monotonic()
+    s.close()
+    closing = time.monotonic() - started
+    caller.join(30)
+    (error,) = errors
+    assert isinstance(error, spear_nb.SessionClosed), repr(error)
+    # The call was interrupted in its instance, which then stopped politely:
+    # close() did not sit out the 10 s grace of an instance that would not stop.
+    assert closing < 5, closing
+
+
+def test_a_direct_call_has_all_six_phase_events(session) -> None:
+    session.register("inc", _remote.inc)
+    session.invoke("inc", 1)
+    session.invoke("inc", 2)
+    events = session.events().query("execution_id == 'ex-2'")
+    assert events["phase"].tolist() == [
+        "request",
+        "artifact",
+        "task",
+        "instance",
+        "channel",
+        "execute",
+    ]
+    assert (events["duration_ms"] >= 0).all()
+    assert events["duration_ms"].iloc[-1] > 0  # the execute phase is the call
+    assert events["detail"].tolist()[4] == "unix (direct lane)"

@@ -425,8 +425,10 @@ def test_cancelling_a_running_call_replaces_the_instance(s) -> None:
 
 
 def test_cancelling_a_queued_call_drops_it(s) -> None:
-    # two calls on one instance: the second waits in the instance's inbox
-    s.register("spin", wasm=SPIN, timeout=0.5, max_instances=1, max_concurrency=2)
+    # two calls on one instance: the second waits in the instance's inbox while
+    # the first spins to its timeout, long enough for the cancel to arrive even
+    # on a loaded machine
+    s.register("spin", wasm=SPIN, timeout=2.0, max_instances=1, max_concurrency=2)
 
     async def scenario() -> None:
         first = await s.asubmit("spin", b"")
