@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
 from spear_nb.communication.protocol import DEFAULT_MAX_FRAME
-from spear_nb.errors import ConfigurationError
+from spear_nb.errors import ConfigurationError, did_you_mean
 from spear_nb.execution.model import QueuePolicy, TaskSettings
 from spear_nb.execution.scheduler import POLICIES
 
@@ -138,11 +137,7 @@ def check_settings(settings: Mapping[str, Any]) -> None:
     unknown = [name for name in settings if name not in known]
     if not unknown:
         return
-    described = []
-    for name in unknown:
-        close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        described.append(f"{name!r}{hint}")
+    described = [f"{name!r}{did_you_mean(name, known, cutoff=0.5)}" for name in unknown]
     raise ConfigurationError(
         f"there is no session setting {', '.join(described)}; the settings are "
         f"{', '.join(known)} (see spear_nb.SessionConfig)"

@@ -52,6 +52,15 @@ __all__ = [
 ]
 
 
+def did_you_mean(name: str, known: list[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'x'?)`` for the known name closest to a mistyped one,
+    or ``''``: the hint every "no such name" error here ends with."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class SpearError(Exception):
     """Base class of every error raised by spear_nb."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from collections.abc import Callable
@@ -183,3 +184,35 @@ def warm_grpc() -> None:
 
     _grpc_keepalive.append(grpc.insecure_channel("unix:/nonexistent/spear-nb-keep"))
     _grpc_keepalive.append(asyncio.run(aio_channel()))
+
+
+def call_in_thread(
+    call: Callable[[], Any],
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``call()`` in a thread; whatever it raises is appended to the list."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
+def signal_when_running(ready: ReadySignal, sig: int) -> threading.Thread:
+    """Send ``sig`` to the instance as soon as its function says it runs."""
+
+    def send() -> None:
+        try:
+            pid = ready.wait()
+        except OSError:
+            return
+        os.kill(pid, sig)
+
+    thread = threading.Thread(target=send)
+    thread.start()
+    return thread

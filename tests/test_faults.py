@@ -17,7 +17,7 @@ import pytest
 import spear_nb
 from spear_nb import SpearError
 from tests import _remote
-from tests._support import EventWaiter, all_gone, rows
+from tests._support import EventWaiter, all_gone, call_in_thread, rows
 
 
 def assert_usable(s: spear_nb.Session) -> None:
@@ -421,16 +421,7 @@ def test_close_fails_calls_in_flight_with_session_closed(ready) -> None:
     s = spear_nb.Session(stop_grace=0.5)
     try:
         s.register("block", _remote.report_and_block)
-        errors: list[BaseException] = []
-
-        def call() -> None:
-            try:
-                s.invoke("block", ready.port, "never")
-            except BaseException as exc:
-                errors.append(exc)
-
-        worker = threading.Thread(target=call)
-        worker.start()
+        worker, errors = call_in_thread(lambda: s.invoke("block", ready.port, "never"))
         ready.wait()
     finally:
         s.close()

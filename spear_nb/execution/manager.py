@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import difflib
 import enum
 import itertools
 import logging
@@ -38,6 +37,7 @@ from spear_nb.errors import (
     SessionClosed,
     SpearError,
     describe,
+    did_you_mean,
 )
 from spear_nb.execution.events import EventLog
 from spear_nb.execution.model import (
@@ -693,8 +693,7 @@ class TaskExecutionManager:
         return task
 
     def _not_found(self, name: str) -> FunctionNotFound:
-        close = difflib.get_close_matches(name, list(self.functions), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, list(self.functions))
         return FunctionNotFound(
             f"no function named {name!r} is registered{hint}; registered: "
             + (", ".join(sorted(self.functions)) or "none")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import shlex
@@ -12,7 +11,7 @@ from typing import Any
 
 import cloudpickle
 
-from spear_nb.errors import InvalidSpec
+from spear_nb.errors import InvalidSpec, did_you_mean
 from spear_nb.execution.model import (
     ArtifactKind,
     ArtifactSpec,
@@ -80,11 +79,7 @@ def unknown_keywords(
     """The error for keywords of ``register`` that neither it nor the runtime
     knows, with the closest known name for each (a typo, most of the time)."""
     known = [*REGISTER_KEYWORDS, *options]
-    described = []
-    for name in names:
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        described.append(f"{name!r}{hint}")
+    described = [f"{name!r}{did_you_mean(name, known)}" for name in names]
     text = (
         f"register() got an unknown keyword {', '.join(described)}; every function "
         f"takes {', '.join(REGISTER_KEYWORDS)}"

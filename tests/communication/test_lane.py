@@ -3,7 +3,6 @@ themselves, and every fault on that path ends as it does on the channel."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import threading
@@ -15,6 +14,7 @@ import spear_nb
 from spear_nb.communication.protocol import Message, MessageType, frame
 from spear_nb.communication.wire import Wire
 from tests import _remote
+from tests._support import call_in_thread, signal_when_running
 
 
 def _directs(s: spear_nb.Session) -> list[bool]:
@@ -161,12 +161,7 @@ def test_timeout_of_a_direct_call_interrupts_it(ready) -> None:
 def test_instance_killed_during_a_direct_call(session, ready) -> None:
     session.register("victim", _remote.report_and_block)
     assert session.invoke("victim", None, "warm") == "warm"
-
-    def kill_when_running() -> None:
-        os.kill(ready.wait(), signal.SIGKILL)
-
-    killer = threading.Thread(target=kill_when_running)
-    killer.start()
+    killer = signal_when_running(ready, signal.SIGKILL)
     try:
         with pytest.raises(spear_nb.InstanceCrashed, match="SIGKILL"):
             session.invoke("victim", ready.port, "never")
@@ -184,12 +179,7 @@ def test_a_paused_instance_fails_its_direct_call_by_heartbeat(ready) -> None:
     ) as s:
         s.register("victim", _remote.report_and_block)
         assert s.invoke("victim", None, "warm") == "warm"
-
-        def stop_when_running() -> None:
-            os.kill(ready.wait(), signal.SIGSTOP)
-
-        stopper = threading.Thread(target=stop_when_running)
-        stopper.start()
+        stopper = signal_when_running(ready, signal.SIGSTOP)
         started = time.monotonic()
         try:
             with pytest.raises(spear_nb.ChannelError, match="heartbeats missed"):
@@ -252,16 +242,7 @@ def test_close_interrupts_a_direct_call_in_flight(ready, grace) -> None:
     s = spear_nb.Session(stop_grace=grace)
     s.register("block", _remote.report_and_block)
     assert s.invoke("block", None, "warm") == "warm"
-    errors: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            s.invoke("block", ready.port, "never")
-        except BaseException as exc:
-            errors.append(exc)
-
-    caller = threading.Thread(target=call)
-    caller.start()
+    caller, errors = call_in_thread(lambda: s.invoke("block", ready.port, "never"))
     ready.wait()
     started = time.monotonic()
     s.close()
