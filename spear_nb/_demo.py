@@ -94,7 +94,10 @@ def run(out: TextIO) -> None:
         say("\nMetrics per function:")
         say(session.metrics().to_string(index=False))
         execution = session.executions().iloc[0]["execution_id"]
-        say(f"\nThe five phases of the first call ({execution}):")
+        say(
+            f"\nThe phases of the first call ({execution}; artifact and task are "
+            "the flow's second phase, shown apart):"
+        )
         events = session.events()
         phases = events[events["execution_id"] == execution]
         say(
