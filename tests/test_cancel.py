@@ -4,7 +4,9 @@ execution is recorded as cancelled and the instance stays in service."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 from collections.abc import Iterator
 
 import psutil
@@ -171,3 +173,27 @@ def test_cancel_during_a_cold_start_leaves_the_session_usable(start_method) -> N
         assert s.invoke("inc", 3) == 4
         statuses = s.executions()["status"].tolist()
         assert statuses == ["cancelled", "succeeded", "succeeded"]
+
+
+def test_a_cancel_in_the_same_loop_turn_as_the_wake_up_wins(session) -> None:
+    """A queued call woken for a free slot and cancelled before it resumes ends
+    cancelled (``asyncio.wait_for`` before 3.12 would swallow that cancel and
+    run the call), and the slot it was woken for goes to the next queued call."""
+    session.register("inc", _remote.inc, max_instances=1)
+    manager = session._manager
+    task = manager.functions["inc"]
+
+    async def race() -> tuple[bool, bool]:
+        deadline = time.perf_counter() + 30
+        woken = asyncio.ensure_future(manager._wait_for_slot(task, deadline))
+        behind = asyncio.ensure_future(manager._wait_for_slot(task, deadline))
+        await asyncio.sleep(0)  # both wait in the task's queue
+        manager._wake(task)  # a slot frees for the first ...
+        woken.cancel()  # ... and its call is cancelled in the same turn
+        with pytest.raises(asyncio.CancelledError):
+            await woken
+        await asyncio.wait_for(behind, 30)  # the slot was handed on
+        return woken.cancelled(), behind.done()
+
+    assert session._loop.run(race()) == (True, True)
+    assert not manager._waiters[task.task_id]

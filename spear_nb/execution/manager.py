@@ -67,6 +67,11 @@ NOT_DIRECT: Any = object()
 DIRECT_SETTLE_DELAY = 0.05
 
 
+def _expire_waiter(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(asyncio.TimeoutError())
+
+
 def _ended_by(execution: Execution, exc: SpearError) -> None:
     """Record the error that ended a call, and the status it means."""
     if isinstance(exc, ExecutionTimeout):
@@ -495,13 +500,24 @@ class TaskExecutionManager:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters[task.task_id]
         waiters.append(waiter)
+        # Not asyncio.wait_for: before Python 3.12 it swallows a cancel that
+        # arrives in the same loop turn as the wake-up, and the cancelled call
+        # would go on to run.
+        timer = asyncio.get_running_loop().call_later(
+            max(0.0, deadline - time.perf_counter()), _expire_waiter, waiter
+        )
         try:
-            await asyncio.wait_for(waiter, max(0.0, deadline - time.perf_counter()))
+            await waiter
         except asyncio.TimeoutError:
             raise ExecutionTimeout(
                 f"no instance of {task.name!r} became free before the call's timeout"
             ) from None
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._wake(task)  # the slot this call was woken for is someone's
+            raise
         finally:
+            timer.cancel()
             with contextlib.suppress(ValueError):
                 waiters.remove(waiter)
 

@@ -3,7 +3,6 @@ cache, limits, host imports, warm reuse, threads, and every fault of issue 4."""
 
 from __future__ import annotations
 
-import asyncio
 import glob
 import logging
 import os
@@ -20,7 +19,7 @@ import spear_nb
 from spear_nb import samples
 from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.runtime import wasm as wasm_runtime
-from tests._support import rows
+from tests._support import rows, wait_until
 
 UPPER = samples.path("wasm", "upper.wat")
 SPIN = samples.path("wasm", "spin.wat")
@@ -426,20 +425,17 @@ def test_cancelling_a_running_call_replaces_the_instance(s) -> None:
 
 def test_cancelling_a_queued_call_drops_it(s) -> None:
     # two calls on one instance: the second waits in the instance's inbox while
-    # the first spins to its timeout, long enough for the cancel to arrive even
-    # on a loaded machine
+    # the first spins to its timeout
     s.register("spin", wasm=SPIN, timeout=2.0, max_instances=1, max_concurrency=2)
-
-    async def scenario() -> None:
-        first = await s.asubmit("spin", b"")
-        second = await s.asubmit("spin", b"")
-        assert second.cancel()
-        with pytest.raises(spear_nb.ExecutionCancelled):
-            await second
-        with pytest.raises(spear_nb.ExecutionTimeout):
-            await first
-
-    asyncio.run(scenario())
+    first = s.submit("spin", b"")
+    assert wait_until(lambda: first.status == "running")  # its instance is up
+    second = s.submit("spin", b"")
+    assert wait_until(lambda: second.status == "running")  # in the inbox
+    assert second.cancel()
+    with pytest.raises(spear_nb.ExecutionCancelled):
+        second.result(timeout=30)
+    with pytest.raises(spear_nb.ExecutionTimeout):
+        first.result(timeout=30)
     assert s.inspect("spin-1")["calls"] == 1  # the cancelled call never ran
 
 
