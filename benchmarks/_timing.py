@@ -107,7 +107,11 @@ class ForkedEcho:
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pid = os.fork()
         if self.pid == 0:
-            self.sock.close()
+            # Keep only its own end: an inherited end of another echo would keep
+            # that echo's child from seeing its host close.
+            keep = theirs.fileno()
+            os.closerange(3, keep)
+            os.closerange(keep + 1, 1 << 16)
             while data := theirs.recv(65536):
                 theirs.sendall(data)
             os._exit(0)

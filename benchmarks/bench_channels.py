@@ -2,7 +2,7 @@
 
     python benchmarks/bench_channels.py [--calls N] [--json PATH]
 
-In one run:
+In one run, the latencies timed in interleaved rounds so that all see the same load:
 - warm invoke latency (median, p99) over unix, tcp and grpc (process runtime,
   ``channel=`` override) and memory (a WASM reactor, the runtime that uses it);
 - the raw baselines: a blocking Unix-socket echo, the same echo called from an
@@ -23,15 +23,16 @@ import json
 import multiprocessing
 import os
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
-from _timing import ForkedEcho, timed, timed_async
+from _timing import Batch, ForkedEcho, each, interleaved, on_loop
 
 import spear_nb
 from spear_nb import samples
-from spear_nb._bridge import new_event_loop
+from spear_nb._bridge import LoopThread
 from spear_nb.communication._grpc import spear_pb2, spear_pb2_grpc
 
 PAYLOAD = b"x" * 100
@@ -41,34 +42,104 @@ def echo(x: Any) -> Any:
     return x
 
 
-def blocking_echo(n: int) -> dict[str, float]:
-    with ForkedEcho() as echo:
-        return timed(lambda: echo.call(PAYLOAD), n)
+class Baselines:
+    """Raw clients kept open across rounds, so that they can be timed in turn
+    with spear_nb's paths; the async ones run on a loop thread of their own, of
+    the kind a session runs."""
+
+    def __init__(self) -> None:
+        self.loop = LoopThread("raw-baselines")
+
+    def batch(self, once: Callable[[], Awaitable[Any]]) -> Batch:
+        async def run(k: int) -> list[float]:
+            samples = []
+            for _ in range(k):
+                start = time.perf_counter()
+                await once()
+                samples.append(time.perf_counter() - start)
+            return samples
+
+        return lambda k: self.loop.run(run(k))
 
 
-def asyncio_echo(n: int) -> dict[str, float]:
-    """An asyncio client, on the kind of loop a session runs, against the same
-    blocking echo in a forked child: the floor for an agent call from the loop."""
+class SocketBaselines(Baselines):
+    """A blocking Unix-socket echo served by a forked child, and an asyncio
+    (streams) client of a second such echo."""
 
-    async def main() -> dict[str, float]:
-        with ForkedEcho() as echo:
-            reader, writer = await asyncio.open_unix_connection(sock=echo.sock.dup())
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocking = ForkedEcho()
+        self._echo = ForkedEcho()
+        self.loop.run(self._open())
 
-            async def once() -> None:
-                writer.write(PAYLOAD)
-                await reader.readexactly(len(PAYLOAD))
+    async def _open(self) -> None:
+        sock = self._echo.sock.dup()
+        self._reader, self._writer = await asyncio.open_unix_connection(sock=sock)
 
-            try:
-                return await timed_async(once, n)
-            finally:
-                writer.close()
-                await writer.wait_closed()
+    async def _once(self) -> None:
+        self._writer.write(PAYLOAD)
+        await self._reader.readexactly(len(PAYLOAD))
 
-    loop = new_event_loop()
-    try:
-        return loop.run_until_complete(main())
-    finally:
-        loop.close()
+    def paths(self) -> dict[str, Batch]:
+        return {
+            "raw_blocking_unix_echo": each(lambda: self.blocking.call(PAYLOAD)),
+            "raw_asyncio_unix_echo": self.batch(self._once),
+        }
+
+    async def _close(self) -> None:
+        self._writer.close()
+        await self._writer.wait_closed()
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self._close())
+        finally:
+            self.loop.stop()
+            self._echo.close()
+            self.blocking.close()
+
+
+class GrpcBaselines(Baselines):
+    """grpc.aio ping-pong on one bidirectional stream, against a server on the
+    same loop and against one in a second process (as an agent is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        context = multiprocessing.get_context("spawn")
+        ports = context.Queue()
+        self._child = context.Process(
+            target=_serve_grpc_echo, args=(ports,), daemon=True
+        )
+        self._child.start()
+        self._remote_port = ports.get(timeout=60)
+        self.loop.run(self._open())
+
+    async def _open(self) -> None:
+        self._server = grpc.aio.server()
+        spear_pb2_grpc.add_AgentServicer_to_server(_Echo(), self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        self._local = _PingPong(f"127.0.0.1:{port}")
+        self._remote = _PingPong(f"127.0.0.1:{self._remote_port}")
+
+    def paths(self) -> dict[str, Batch]:
+        return {
+            "raw_grpc_bidi_pingpong": self.batch(self._local.once),
+            "raw_grpc_bidi_pingpong_two_processes": self.batch(self._remote.once),
+        }
+
+    async def _close(self) -> None:
+        await self._local.close()
+        await self._remote.close()
+        await self._server.stop(None)
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self._close())
+        finally:
+            self.loop.stop()
+            self._child.kill()
+            self._child.join(10)
 
 
 class _Echo(spear_pb2_grpc.AgentServicer):
@@ -77,36 +148,24 @@ class _Echo(spear_pb2_grpc.AgentServicer):
             yield frame
 
 
-async def _pingpong(address: str, n: int) -> dict[str, float]:
-    """Time ``n`` round trips of one frame on one bidirectional stream."""
-    channel = grpc.aio.insecure_channel(address)
-    call = spear_pb2_grpc.AgentStub(channel).Connect()
+class _PingPong:
+    """One bidirectional stream on which a frame goes there and back."""
 
-    async def once() -> None:
-        await call.write(spear_pb2.Frame(body=PAYLOAD))
-        await call.read()
+    def __init__(self, address: str) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._call = spear_pb2_grpc.AgentStub(self._channel).Connect()
 
-    result = await timed_async(once, n)
-    await call.done_writing()
-    await channel.close()
-    return result
+    async def once(self) -> None:
+        await self._call.write(spear_pb2.Frame(body=PAYLOAD))
+        await self._call.read()
 
-
-def grpc_pingpong(n: int) -> dict[str, float]:
-    async def main() -> dict[str, float]:
-        server = grpc.aio.server()
-        spear_pb2_grpc.add_AgentServicer_to_server(_Echo(), server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        result = await _pingpong(f"127.0.0.1:{port}", n)
-        await server.stop(None)
-        return result
-
-    return asyncio.run(main())
+    async def close(self) -> None:
+        await self._call.done_writing()
+        await self._channel.close()
 
 
 def _serve_grpc_echo(ports: Any) -> None:
-    """The child of :func:`grpc_pingpong_two_processes`: echo until killed."""
+    """The second process of the two-process ping-pong: echo until killed."""
 
     async def main() -> None:
         server = grpc.aio.server()
@@ -119,36 +178,49 @@ def _serve_grpc_echo(ports: Any) -> None:
     asyncio.run(main())
 
 
-def grpc_pingpong_two_processes(n: int) -> dict[str, float]:
-    """The same ping-pong with the server in another process, as an agent is."""
-    context = multiprocessing.get_context("spawn")
-    ports = context.Queue()
-    child = context.Process(target=_serve_grpc_echo, args=(ports,), daemon=True)
-    child.start()
-    try:
-        port = ports.get(timeout=60)
+def spear_paths(s: spear_nb.Session, kinds: tuple[str, ...]) -> dict[str, Batch]:
+    """spear_nb's echo over each channel kind, awaited on the session's loop and
+    called through the blocking facade."""
+    paths: dict[str, Batch] = {}
+    for kind in kinds:
+        name = f"echo_{kind}"
+        if kind == "memory":  # the runtime that uses it: a WASM reactor
+            try:
+                s.register(name, wasm=samples.path("wasm", "upper.wat"))
+            except (spear_nb.SpearError, FileNotFoundError) as exc:
+                print(f"memory channel skipped: {exc}")
+                continue
+        else:
+            s.register(name, echo, channel=kind)
+        s.invoke(name, PAYLOAD)
+        paths[f"spear_{kind}_async"] = on_loop(s, name, PAYLOAD)
+        paths[f"spear_{kind}_sync"] = each(lambda name=name: s.invoke(name, PAYLOAD))
+    return paths
 
-        loop = new_event_loop()
+
+def latencies(s: spear_nb.Session, n: int) -> dict[str, dict[str, float]]:
+    """Each path timed in interleaved rounds with its baselines, so that they
+    all see the same load: a baseline timed alone, on idle CPUs, is slower (a
+    halted virtual CPU is slow to wake). The gRPC group comes second, as gRPC's
+    own threads, once started, slow every other path in the process."""
+    results: dict[str, dict[str, float]] = {}
+    per_round = 100
+    for baselines, kinds in (
+        (SocketBaselines, ("unix", "tcp", "memory")),
+        (GrpcBaselines, ("grpc",)),
+    ):
+        raw = baselines()
         try:
-            return loop.run_until_complete(_pingpong(f"127.0.0.1:{port}", n))
+            paths = {**raw.paths(), **spear_paths(s, kinds)}
+            results.update(
+                interleaved(
+                    {name: (batch, per_round) for name, batch in paths.items()},
+                    rounds=max(1, n // per_round),
+                )
+            )
         finally:
-            loop.close()
-    finally:
-        child.kill()
-        child.join(10)
-
-
-def spear_latency(session: spear_nb.Session, name: str, n: int) -> dict[str, float]:
-    session.invoke(name, PAYLOAD)
-
-    async def on_loop() -> dict[str, float]:
-        return await timed_async(lambda: session._invoke(name, (PAYLOAD,), {}), n)
-
-    return session._loop.run(on_loop())
-
-
-def spear_sync(session: spear_nb.Session, name: str, n: int) -> dict[str, float]:
-    return timed(lambda: session.invoke(name, PAYLOAD), n)
+            raw.close()
+    return results
 
 
 def throughput(session: spear_nb.Session, name: str, n: int = 20000) -> float:
@@ -205,24 +277,9 @@ def main() -> None:
     parser.add_argument("--json", default="")
     args = parser.parse_args()
     n = args.calls
-    results: dict[str, Any] = {
-        "raw_blocking_unix_echo": blocking_echo(n),
-        "raw_asyncio_unix_echo": asyncio_echo(n),
-        "raw_grpc_bidi_pingpong": grpc_pingpong(n),
-        "raw_grpc_bidi_pingpong_two_processes": grpc_pingpong_two_processes(n),
-    }
+    results: dict[str, Any] = {}
     with spear_nb.Session() as s:
-        for kind in ("unix", "tcp", "grpc"):
-            s.register(f"echo_{kind}", echo, channel=kind)
-            results[f"spear_{kind}_async"] = spear_latency(s, f"echo_{kind}", n)
-            results[f"spear_{kind}_sync"] = spear_sync(s, f"echo_{kind}", n)
-        try:
-            s.register("echo_memory", wasm=samples.path("wasm", "upper.wat"))
-        except (spear_nb.SpearError, FileNotFoundError) as exc:
-            results["spear_memory_async"] = {"error": str(exc)}
-        else:
-            results["spear_memory_async"] = spear_latency(s, "echo_memory", n)
-            results["spear_memory_sync"] = spear_sync(s, "echo_memory", n)
+        results.update(latencies(s, n))
         s.register("tput_pipelined", echo, max_concurrency=64, pipeline=True)
         s.register("tput_threads", echo, max_concurrency=64)
         results["throughput_64_pipelined_per_s"] = throughput(s, "tput_pipelined")

@@ -14,6 +14,7 @@ The peers come from the ``bench`` extra: ``pip install -e '.[bench]'``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -59,10 +60,41 @@ def wait_for_quiet(max_load: float, patience: float) -> None:
         pause.wait(15)
 
 
+def leftovers(token: str) -> list[Any]:
+    """Processes still alive that a script started (they carry its token in
+    their environment), however far from it they were reparented."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("SPEAR_BENCH_RUN") == token:
+                found.append(process)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+def wait_for_leftovers(name: str, token: str, patience: float = 60.0) -> None:
+    """Let what a script started finish before the next one is timed (the
+    peers' workers linger for seconds after their clusters close); kill what is
+    still there after ``patience`` seconds."""
+    import psutil
+
+    deadline = time.monotonic() + patience
+    while (alive := leftovers(token)) and time.monotonic() < deadline:
+        psutil.wait_procs(alive, timeout=1)
+    for process in leftovers(token):
+        print(f"{name} left pid {process.pid} behind: killing it", flush=True)
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
 def run_script(name: str, args: list[str], out_dir: str) -> dict[str, Any]:
     path = os.path.join(out_dir, f"{name}.json")
     started = time.perf_counter()
-    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
+    token = f"{os.getpid()}-{name}-{time.time_ns()}"
+    env = dict(os.environ, GRPC_VERBOSITY="ERROR", SPEAR_BENCH_RUN=token)
     done = subprocess.run(
         [sys.executable, os.path.join(HERE, f"{name}.py"), *args, "--json", path],
         capture_output=True,
@@ -72,6 +104,7 @@ def run_script(name: str, args: list[str], out_dir: str) -> dict[str, Any]:
     )
     seconds = time.perf_counter() - started
     print(f"{name}: {seconds:.0f} s (exit {done.returncode})", flush=True)
+    wait_for_leftovers(name, token)
     if done.returncode != 0 or not os.path.exists(path):
         return {"error": done.stderr.strip().splitlines()[-5:], "seconds": seconds}
     with open(path) as f:
@@ -448,7 +481,8 @@ def document(results: dict[str, Any], figures: dict[str, str]) -> str:
         f"- load average (1, 5, 15 min) at the start: "
         f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}; at the end: "
         + ", ".join(f"{x:.2f}" for x in results["load_end"])
-        + " (the machine is shared: other work was running)",
+        + " (the benchmarks' own processes count in the second figure; each "
+        "benchmark starts once everything the one before it started is gone)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()),
         "",
         "## Targets",

@@ -31,7 +31,7 @@ from spear_nb.communication.protocol import (
     Message,
     MessageType,
 )
-from spear_nb.communication.wire import Wire, poll_briefly
+from spear_nb.communication.wire import BusyPoll, Wire
 from spear_nb.errors import PayloadTooLarge, ProtocolError
 
 _AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -171,7 +171,7 @@ class Server:
         # thread sends calls itself (see spear_nb.communication.lane).
         self.lane: Wire | None = None
         self.busy_poll = 0.0  # seconds to poll for the next call before sleeping
-        self._poller: select.poll | None = None
+        self._poller: BusyPoll | None = None
         if concurrency > 1 or threaded:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -216,14 +216,14 @@ class Server:
         if not lane.buffered_frame():
             if self.wire.buffered_frame():
                 return False
-            poller = self._poller
-            if poller is None:
-                poller = self._poller = select.poll()
+            spin = self._poller
+            if spin is None:
+                poller = select.poll()
                 poller.register(self.wire.sock, select.POLLIN)
                 poller.register(lane.sock, select.POLLIN)
-            if self.busy_poll:
-                poll_briefly(poller, self.busy_poll)
-            ready = poller.poll()
+                spin = self._poller = BusyPoll(poller, self.busy_poll)
+            spin.wait()
+            ready = spin.poller.poll()
             if not any(fd == lane.sock.fileno() for fd, _ in ready):
                 return False
         try:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from spear_nb.communication.protocol import Message, MessageType
-from spear_nb.communication.wire import Wire, poll_briefly
+from spear_nb.communication.wire import BusyPoll, Wire
 from spear_nb.errors import ProtocolError
 
 # How long a caller blocks in one read before it looks at the instance again
@@ -67,9 +67,9 @@ class DirectLane:
         busy_poll: float = 0.0,
     ) -> None:
         self.instance_id = instance_id
-        self.busy_poll = busy_poll  # seconds to poll for a reply before sleeping
-        self._poller = select.poll()
-        self._poller.register(sock, select.POLLIN)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        self.busy_poll = BusyPoll(poller, busy_poll)  # for a reply, before sleeping
         self.wire = Wire(sock, max_frame)
         self.broken = ""  # why the lane may not be used; "" while it works
         self.calls = 0
@@ -130,8 +130,8 @@ class DirectLane:
 
     def reply(self, rid: int, deadline: float, check: Callable[[], str]) -> Message:
         """Read until the reply to request ``rid`` arrives."""
-        if self.busy_poll and not self.wire.buffered_frame():
-            poll_briefly(self._poller, self.busy_poll)
+        if not self.wire.buffered_frame():
+            self.busy_poll.wait()
         while True:
             try:
                 reply = self.wire.read()

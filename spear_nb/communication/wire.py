@@ -98,14 +98,56 @@ class Wire:
                 self.sock.sendall(b"".join(held))
 
 
-def poll_briefly(poller: select.poll, seconds: float) -> None:
-    """Look for input for up to ``seconds`` without sleeping.
+def poll_briefly(poller: select.poll, seconds: float) -> bool:
+    """Look for input for up to ``seconds`` without sleeping; True if it came.
 
     A process woken from sleep on this kind of machine (a virtual CPU that was
     halted) answers tens of microseconds later than one that is still running;
     polling a little first saves that on back-to-back messages. The CPU is
-    yielded between looks, so a peer on the same CPU still gets to run.
+    yielded between looks, so a peer on the same CPU may still get to run.
     """
     until = time.perf_counter() + seconds
-    while not poller.poll(0) and time.perf_counter() < until:
+    while not poller.poll(0):
+        if time.perf_counter() >= until:
+            return False
         os.sched_yield()
+    return True
+
+
+# At most this many waits in a row go without polling after polls that failed.
+MAX_SKIP = 64
+
+
+class BusyPoll:
+    """Busy-poll before each blocking read, for as long as that pays.
+
+    It pays when the peer runs on another CPU and answers within the poll. When
+    a poll finds nothing in time, the peer is slow to answer or shares this CPU
+    (the scheduler puts two processes that talk back and forth there), where
+    polling only keeps it from running; so the next waits block at once, twice
+    as many after each failed poll (up to :data:`MAX_SKIP`), and then one poll
+    tries again. A poll that finds input starts over.
+    """
+
+    def __init__(self, poller: select.poll, seconds: float) -> None:
+        self.poller = poller
+        self.seconds = seconds
+        self.skip = 0  # waits left that block without polling
+        self._backoff = 0
+        self.hits = 0
+        self.misses = 0
+
+    def wait(self) -> None:
+        """Poll for up to ``seconds`` unless polling has not been paying."""
+        if not self.seconds:
+            return
+        if self.skip:
+            self.skip -= 1
+            return
+        if poll_briefly(self.poller, self.seconds):
+            self.hits += 1
+            self._backoff = 0
+        else:
+            self.misses += 1
+            self._backoff = min(max(1, 2 * self._backoff), MAX_SKIP)
+            self.skip = self._backoff

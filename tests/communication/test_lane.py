@@ -272,3 +272,34 @@ def test_a_direct_call_has_all_six_phase_events(session) -> None:
     assert (events["duration_ms"] >= 0).all()
     assert events["duration_ms"].iloc[-1] > 0  # the execute phase is the call
     assert events["detail"].tolist()[4] == "unix (direct lane)"
+
+
+def test_busy_polling_backs_off_while_it_does_not_pay() -> None:
+    """A poll that finds nothing in time makes the next waits block at once,
+    twice as many after each failure; one that finds input starts over."""
+    import select
+
+    from spear_nb.communication.wire import MAX_SKIP, BusyPoll
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        poller = select.poll()
+        poller.register(ours, select.POLLIN)
+        spin = BusyPoll(poller, 0.001)
+        skips = []
+        for _ in range(8):  # nothing ever arrives
+            spin.wait()
+            skips.append(spin.skip)
+            while spin.skip:
+                spin.wait()  # skipped: returns without polling
+        assert skips == [1, 2, 4, 8, 16, 32, 64, 64] and MAX_SKIP == 64
+        assert (spin.hits, spin.misses) == (0, 8)
+
+        theirs.sendall(b"x")  # input is there: the poll pays, and starts over
+        spin.wait()
+        assert (spin.hits, spin.skip) == (1, 0)
+        ours.recv(1)
+        spin.wait()
+        assert spin.skip == 1  # a miss again backs off from one
+
+    assert BusyPoll(poller, 0.0).skip == 0  # polling switched off: never waits
