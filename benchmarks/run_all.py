@@ -528,6 +528,14 @@ def document(results: dict[str, Any], figures: dict[str, str]) -> str:
             else "."
         ),
         "",
+        "The ratios to the raw blocking echo move from run to run with where the "
+        "kernel puts the two processes. The echo is fastest when both ends share "
+        "one CPU (nothing has to wake a halted CPU), about 11-15 µs here. A direct "
+        "call is fastest with its two ends on two CPUs, both polling (25-45 µs on "
+        "this machine), and takes 50-90 µs when the kernel puts them on one CPU, "
+        "which it does from time to time; a run gets one or the other, so the "
+        "ratio lands between about 2x and 7x.",
+        "",
         "## Warm invoke",
         "",
         "One call in flight; every path timed in interleaved rounds so that all "
