@@ -513,7 +513,7 @@ class TaskExecutionManager:
                 f"no instance of {task.name!r} became free before the call's timeout"
             ) from None
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and not waiter.exception():
                 self._wake(task)  # the slot this call was woken for is someone's
             raise
         finally:
