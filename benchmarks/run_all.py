@@ -413,7 +413,8 @@ ISSUE_TARGETS = [
     ),
     (
         4,
-        "warm reactor, async API / direct call of the handle export alone",
+        "warm reactor, async API / the handle export alone, payload already "
+        "in memory (stricter than the issue's direct call)",
         "bench_wasm",
         "ratios.async_vs_direct_handle_only",
         "max",
