@@ -117,6 +117,13 @@ class DirectLane:
             sock.sendall(data)
             if len(data) > _SMALL:
                 sock.settimeout(SLICE)
+        except KeyboardInterrupt:
+            if len(data) > _SMALL:  # a frame may be half written: out of step
+                self.close("a call was interrupted while it was being sent")
+            # A small frame goes out in one write, before the interrupt is seen
+            # or not at all: the lane is in step either way, and the caller
+            # stops the call (or finds that nothing runs).
+            raise
         except BaseException as exc:  # a frame may be half written: out of step
             self.close(f"sending a call failed ({exc!r})")
             if isinstance(exc, TimeoutError):

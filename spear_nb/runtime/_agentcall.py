@@ -37,6 +37,9 @@ from spear_nb.execution.model import (
 # Called when a call is cancelled, before waiting for the agent to confirm
 # (a local process also gets a signal that interrupts blocking C calls).
 Interrupt = Callable[[], None]
+# While it waits for the agent to confirm a cancel, the interrupt is sent again
+# this often (seconds).
+RESIGNAL = 0.25
 # Called when the agent did not confirm a cancel within the grace period.
 GiveUp = Callable[[str], None]
 # Turns a lost channel into the clearest error (a crash with its exit code...).
@@ -118,8 +121,21 @@ async def _cancel(
     confirm: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
     channel.forget(rid)
     channel.expect_reply(rid, confirm)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
     try:
-        await asyncio.wait_for(asyncio.shield(confirm), grace)
+        while True:
+            left = deadline - loop.time()
+            try:
+                await asyncio.wait_for(asyncio.shield(confirm), min(RESIGNAL, left))
+                break
+            except asyncio.TimeoutError:
+                if left <= RESIGNAL:
+                    raise
+                if interrupt is not None:
+                    # A signal that came before the call started in the
+                    # instance found nothing to stop there: send it again.
+                    interrupt()
     except (asyncio.TimeoutError, ChannelError, asyncio.CancelledError):
         give_up(
             f"instance {instance.instance_id} did not stop a cancelled call "

@@ -535,9 +535,16 @@ class ProcessRuntime(Runtime):
         if lane.broken or handle.exited.done():
             return
         grace = self.context.config.stop_grace
-        self.interrupt(instance)
+
+        def again() -> str:
+            # Each read slice: a signal that came before the call started in
+            # the instance found nothing to stop there.
+            self.interrupt(instance)
+            return ""
+
+        again()
         try:
-            lane.reply(rid, time.perf_counter() + grace, lambda: "")
+            lane.reply(rid, time.perf_counter() + grace, again)
             return
         except (LaneLost, LaneTimeout, KeyboardInterrupt):
             pass
