@@ -770,7 +770,13 @@ class WasmHandle:
                 _call_soon(loop, _set_result, future, result)
 
         self.inbox.put(wrapped)
-        return await asyncio.wait_for(future, timeout)
+        # Not asyncio.wait_for, which before Python 3.12 loses a cancel that
+        # comes in the same loop turn as the result.
+        timer = loop.call_later(timeout, _set_exception, future, asyncio.TimeoutError())
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     def stop(self) -> None:
         """Ask the worker to close the store and end (after its current call)."""
