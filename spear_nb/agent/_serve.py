@@ -262,8 +262,9 @@ class Server:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def cancel_thread(self, rid: int) -> None:
-        """Raise _Cancelled in the worker thread running call ``rid``, if any."""
-        ident = self.threads.get(rid)
+        """Raise _Cancelled in the worker thread running call ``rid``, if any
+        (once: a repeated cancel finds nothing to do)."""
+        ident = self.threads.pop(rid, None)
         if ident is None:
             return
         import ctypes

@@ -37,7 +37,7 @@ from spear_nb.execution.model import (
 # Called when a call is cancelled, before waiting for the agent to confirm
 # (a local process also gets a signal that interrupts blocking C calls).
 Interrupt = Callable[[], None]
-# While it waits for the agent to confirm a cancel, the interrupt is sent again
+# While it waits for the agent to confirm a cancel, the cancel is sent again
 # this often (seconds).
 RESIGNAL = 0.25
 # Called when the agent did not confirm a cancel within the grace period.
@@ -113,10 +113,14 @@ async def _cancel(
     """Ask the agent to stop call ``rid`` and wait for it to confirm."""
     if not channel.connected or channel.answered(rid):
         return
-    with contextlib.suppress(ChannelError):
-        channel.send(Message(MessageType.SIGNAL, rid, b"", {"signal": "cancel"}))
-    if interrupt is not None:
-        interrupt()
+
+    def send_cancel() -> None:
+        with contextlib.suppress(ChannelError):
+            channel.send(Message(MessageType.SIGNAL, rid, b"", {"signal": "cancel"}))
+        if interrupt is not None:
+            interrupt()
+
+    send_cancel()
     # A fresh future for the confirmation: the call's own one is already done.
     confirm: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
     channel.forget(rid)
@@ -132,10 +136,9 @@ async def _cancel(
             except asyncio.TimeoutError:
                 if left <= RESIGNAL:
                     raise
-                if interrupt is not None:
-                    # A signal that came before the call started in the
-                    # instance found nothing to stop there: send it again.
-                    interrupt()
+                # A cancel that came before the call started in the instance
+                # found nothing to stop there: send it again.
+                send_cancel()
     except (asyncio.TimeoutError, ChannelError, asyncio.CancelledError):
         give_up(
             f"instance {instance.instance_id} did not stop a cancelled call "
