@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import psutil
 import pytest
 
 import spear_nb
@@ -46,6 +47,15 @@ def test_one_hundred_sequential_calls_use_one_instance(session) -> None:
     executions = rows(session.executions(), function="inc")
     assert executions["new_instance"].sum() == 1
     assert set(executions["instance_id"]) == {row["instance_id"]}
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_an_instance_process_is_named_after_its_instance(start_method) -> None:
+    with spear_nb.Session(start_method=start_method) as s:
+        s.register("inc", _remote.inc)
+        s.invoke("inc", 1)
+        (pid,) = s.instances()["pid"]
+        assert psutil.Process(int(pid)).name() == "spear:inc-1"  # ps -e, top
 
 
 def test_same_spec_under_two_names_shares_the_artifact(session) -> None:

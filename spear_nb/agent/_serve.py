@@ -122,6 +122,21 @@ def die_with_parent(host_pid: int) -> None:
         raise AgentError("the host exited while this instance was starting")
 
 
+def name_process(instance_id: str) -> None:
+    """Give this process the short name ``ps -e`` and ``top`` show: ``spear:`` and
+    the instance id, cut to Linux's 15 characters (best effort)."""
+    if not instance_id or not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_name = 15
+        libc.prctl(pr_set_name, f"spear:{instance_id}".encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_function(bootstrap: bytes, script_fn: Callable[..., Any] | None) -> Any:
     """Turn the host's bootstrap payload into the function to serve."""
     spec = msgpack.unpackb(bootstrap, raw=False)
@@ -371,6 +386,7 @@ def error_reply(rid: int, exc: BaseException) -> Message:
 def run(script_fn: Callable[..., Any] | None = None) -> int:
     """Connect, authenticate, load the function and serve; return the exit code."""
     env = dict(os.environ)
+    name_process(env.get("SPEAR_INSTANCE_ID", ""))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The host interrupts inline calls with SIGUSR1; until the server installs
     # its handler (and in gRPC mode, where calls run in threads) it is ignored.
