@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from spear_nb.communication.protocol import (
     frame,
     unpack,
 )
+from spear_nb.communication.wire import BusyPoll
 from spear_nb.errors import ChannelError, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         # lane: it is then handed over as a plain socket instead of served here.
         self.detach: Callable[[socket.socket], None] | None = None
         self.quiet = False  # a refusal that is expected, logged at debug only
+        self._spin: BusyPoll | None = None
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
 
@@ -222,6 +225,28 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
             asyncio.get_running_loop().call_soon(self._flush)
         self._outgoing.append(data)
         return len(data)
+
+    def poll_for_reply(self, seconds: float) -> None:
+        """Send what is queued now, then busy-poll the socket for up to
+        ``seconds`` (less while that does not pay, see :class:`BusyPoll`).
+
+        For a lone call on an idle loop: the reply then finds the loop awake,
+        instead of a halted CPU that takes tens of microseconds to wake. The
+        loop is blocked meanwhile, so callers use it only when nothing else
+        is running.
+        """
+        if self._outgoing:
+            self._flush()
+        spin = self._spin
+        if spin is None:
+            transport = self._transport
+            sock = transport.get_extra_info("socket") if transport else None
+            if sock is None:
+                return
+            poller = select.poll()
+            poller.register(sock.fileno(), select.POLLIN)
+            spin = self._spin = BusyPoll(poller, seconds)
+        spin.wait()
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []

@@ -129,6 +129,7 @@ class TaskExecutionManager:
             tuple[Execution, TaskInstance, bool, tuple[int, int]]
         ] = []
         runtimes.context.on_instance_lost = self._instance_lost
+        runtimes.context.calls_running = lambda: len(self._running)
 
     # -- phase 2: artifact and task ----------------------------------------------
 

@@ -69,8 +69,12 @@ async def call_agent(
     explain: Explain,
     give_up: GiveUp,
     interrupt: Interrupt | None = None,
+    after_send: Callable[[], None] | None = None,
 ) -> Any:
-    """Run one call on an agent instance and return its result."""
+    """Run one call on an agent instance and return its result.
+
+    ``after_send`` runs once the request is on its way, before the wait.
+    """
     stream = request.mode is ExecutionMode.STREAM
     message = Message(
         MessageType.EXECUTE_REQUEST,
@@ -84,6 +88,8 @@ async def call_agent(
         on_stream = lambda m: on_chunk(pickle.loads(m.payload))  # noqa: E731
     future = channel.start_request(message, on_stream)
     rid = message.request_id
+    if after_send is not None:
+        after_send()
     timer = asyncio.get_running_loop().call_later(
         timeout, _expire, future, instance, execution.timeout or timeout
     )

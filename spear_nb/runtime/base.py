@@ -36,6 +36,8 @@ class RuntimeContext:
     session_id: str
     # Set by the manager: a runtime calls it when an instance dies on its own.
     on_instance_lost: Callable[[TaskInstance, str], None] = lambda i, r: None
+    # Set by the manager: how many calls run on the session's loop now.
+    calls_running: Callable[[], int] = lambda: 0
 
 
 class Runtime(abc.ABC):

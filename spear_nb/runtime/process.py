@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -23,6 +24,7 @@ import msgpack
 from spear_nb.communication.channel import Channel
 from spear_nb.communication.lane import DirectLane, LaneLost, LaneTimeout
 from spear_nb.communication.protocol import Message, MessageType
+from spear_nb.communication.stream import StreamChannel
 from spear_nb.errors import (
     ChannelError,
     CommandFailed,
@@ -476,7 +478,19 @@ class ProcessRuntime(Runtime):
             lambda exc: self._lost_during_call(instance, exc),
             give_up,
             lambda: self.interrupt(instance),
+            self._poller_for(channel),
         )
+
+    def _poller_for(self, channel: Channel) -> Callable[[], None] | None:
+        """For the only call running in the session, over a socket channel:
+        poll briefly for its reply before the loop sleeps (see the direct lane:
+        a halted CPU is slow to wake)."""
+        seconds = self.context.factory.busy_poll
+        if not seconds or not isinstance(channel, StreamChannel):
+            return None
+        if self.context.calls_running() != 1:
+            return None
+        return lambda: channel.poll_for_reply(seconds)
 
     def interrupt(self, instance: TaskInstance) -> None:
         """Interrupt the call running on an agent's main thread (SIGUSR1): it

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ import spear_nb
 from spear_nb.communication.protocol import Message, MessageType, frame
 from spear_nb.communication.wire import Wire
 from tests import _remote
-from tests._support import call_in_thread, signal_when_running
+from tests._support import call_in_thread, rows, signal_when_running
 
 
 def _directs(s: spear_nb.Session) -> list[bool]:
@@ -303,3 +304,35 @@ def test_busy_polling_backs_off_while_it_does_not_pay() -> None:
         assert spin.skip == 1  # a miss again backs off from one
 
     assert BusyPoll(poller, 0.0).skip == 0  # polling switched off: never waits
+
+
+def test_a_lone_call_on_the_loop_polls_for_its_reply_but_not_beside_others(
+    session, ready
+) -> None:
+    """The loop busy-polls a socket channel for the reply of the only call in the
+    session (a halted CPU is slow to wake), never while other calls run."""
+    from spear_nb.communication.lane import busy_poll_seconds
+
+    session.register("inc", _remote.inc)
+    session.register("other", _remote.inc)
+    session.register("block", _remote.report_and_block)
+    for i in range(5):
+        assert session.submit("inc", i).result(timeout=30) == i + 1  # via the loop
+    factory = session._manager.factory
+
+    def spin(name: str) -> Any:
+        (instance_id,) = rows(session.instances(), function=name)["instance_id"]
+        return factory.pooled(instance_id)._spin
+
+    if busy_poll_seconds(50) == 0:  # one CPU: polling is off everywhere
+        assert spin("inc") is None
+    else:
+        polled = spin("inc")
+        assert polled is not None and polled.hits + polled.misses >= 1
+
+    blocked = session.submit("block", ready.port, "done")
+    ready.wait()
+    assert session.submit("other", 1).result(timeout=30) == 2  # beside "block"
+    assert spin("other") is None  # it never polled
+    ready.release()
+    assert blocked.result(timeout=30) == "done"
