@@ -22,7 +22,8 @@ class ReadySignal:
     """
 
     def __init__(self) -> None:
-        self._server = socket.create_server(("127.0.0.1", 0))
+        # Room for hundreds of calls dialling at once (the stress tests).
+        self._server = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.port: int = self._server.getsockname()[1]
         self._conns: list[socket.socket] = []
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
 import psutil
 
 import spear_nb
 from tests import _remote
-from tests._support import all_gone
+from tests._support import ReadySignal, all_gone
 
 COUNT = 200
 
@@ -28,7 +27,7 @@ def test_two_hundred_instances_started_and_stopped_twice() -> None:
         heartbeat_interval=2.0,
         heartbeat_misses=10,
     ) as s:
-        s.register("pid", _remote.pid, max_instances=COUNT)
+        s.register("pid", _remote.report_and_block, max_instances=COUNT)
         seen: set[int] = set()
         for round_ in range(2):
             s.scale("pid", COUNT)
@@ -43,14 +42,19 @@ def test_two_hundred_instances_started_and_stopped_twice() -> None:
             descendants = {p.pid for p in me.children(recursive=True)}
             assert pids <= descendants
 
-            # ...and each answers: COUNT calls in flight at once, one per instance.
-            async def fan_out() -> list[int]:
-                return list(
-                    await asyncio.gather(*(s.ainvoke("pid") for _ in range(COUNT)))
-                )
-
-            answered = asyncio.run(fan_out())
-            assert set(answered) == pids, f"round {round_}: not every instance served"
+            # ...and each answers: COUNT calls in flight at once, each blocked
+            # until all have reported, so each must be on an instance of its own.
+            signal_ = ReadySignal()
+            try:
+                handles = [s.submit("pid", signal_.port, i) for i in range(COUNT)]
+                reported = {signal_.wait(timeout=60) for _ in range(COUNT)}
+                assert reported == pids, f"round {round_}: not every instance served"
+                signal_.release()
+                results = [h.result(timeout=60) for h in handles]
+                assert results == list(range(COUNT))
+            finally:
+                signal_.release()
+                signal_.close()
             assert len(s.channels().query("state == 'connected'")) == COUNT
 
             s.scale("pid", 0)
