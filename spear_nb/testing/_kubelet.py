@@ -309,6 +309,11 @@ class Kubelet:
             self._publish(run)
             return 128
         container.process = process
+        if run.deleting.is_set():
+            # Deleted while the process was starting: delete() saw no process
+            # to stop, so stop it here (it set the flag before it looked).
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
         container.started_at = now_rfc3339()
         container.state = {"running": {"startedAt": container.started_at}}
         container.ready = container.probe_port is None

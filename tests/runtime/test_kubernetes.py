@@ -480,6 +480,29 @@ def test_the_watch_lists_again_after_a_timeout_or_410(
 # -- cleanup -------------------------------------------------------------------------
 
 
+def test_a_pod_deleted_while_it_starts_leaves_no_process(kube, core) -> None:
+    """LocalKubeAPI: a delete that comes while the kubelet is starting the pod's
+    process (so that it sees none to stop) still ends that process."""
+    for i in range(20):
+        name = f"brief-{i}"
+        pod = {
+            "metadata": {"name": name},
+            "spec": {
+                "containers": [
+                    {
+                        "name": "c",
+                        "image": "x",
+                        "command": ["python", "-c", "import time; time.sleep(60)"],
+                    }
+                ]
+            },
+        }
+        core.create_namespaced_pod("default", pod)
+        core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
+        assert kube.pods() == []
+        assert kube.pod_pids() == [], f"pod {name} left its process behind"
+
+
 def test_close_deletes_the_sessions_pods_after_errors_too(kube, core) -> None:
     s = open_session(kube)
     try:
