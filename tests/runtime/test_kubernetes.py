@@ -137,6 +137,19 @@ def crash_template(code: int, restart: str = "Never") -> dict[str, Any]:
 # -- the lifecycle -------------------------------------------------------------------
 
 
+def sleeping_pod(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A pod made behind the session's back: one container that sleeps a minute."""
+    metadata: dict[str, Any] = {"name": name}
+    if labels:
+        metadata["labels"] = labels
+    container = {
+        "name": "c",
+        "image": "x",
+        "command": ["python", "-c", "import time; time.sleep(60)"],
+    }
+    return {"metadata": metadata, "spec": {"containers": [container]}}
+
+
 def test_a_pod_serves_warm_calls_and_is_deleted_on_close(kube, core) -> None:
     s = open_session(kube)
     try:
@@ -485,19 +498,7 @@ def test_a_pod_deleted_while_it_starts_leaves_no_process(kube, core) -> None:
     process (so that it sees none to stop) still ends that process."""
     for i in range(20):
         name = f"brief-{i}"
-        pod = {
-            "metadata": {"name": name},
-            "spec": {
-                "containers": [
-                    {
-                        "name": "c",
-                        "image": "x",
-                        "command": ["python", "-c", "import time; time.sleep(60)"],
-                    }
-                ]
-            },
-        }
-        core.create_namespaced_pod("default", pod)
+        core.create_namespaced_pod("default", sleeping_pod(name))
         core.delete_namespaced_pod(name, "default", grace_period_seconds=0)
         assert kube.pods() == []
         assert kube.pod_pids() == [], f"pod {name} left its process behind"
@@ -514,18 +515,7 @@ def test_close_deletes_the_sessions_pods_after_errors_too(kube, core) -> None:
         # A pod the session made but lost track of (say its create answer was
         # lost): only the label says whose it is.
         label = runtime_of(s).session_label
-        stray = {
-            "metadata": {"name": "stray", "labels": {LABEL_SESSION: label}},
-            "spec": {
-                "containers": [
-                    {
-                        "name": "c",
-                        "image": "x",
-                        "command": ["python", "-c", "import time; time.sleep(60)"],
-                    }
-                ]
-            },
-        }
+        stray = sleeping_pod("stray", {LABEL_SESSION: label})
         core.create_namespaced_pod("default", stray)
         assert len(kube.pods()) == 2
         pids = kube.pod_pids()
