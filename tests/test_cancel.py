@@ -63,10 +63,15 @@ def test_cancel_interrupts_a_running_python_function(session, ready, kind) -> No
     assert cancelled == 1
 
 
+@pytest.mark.parametrize("kind", ["unix", "grpc"])
 def test_cancel_hits_only_its_own_call_on_a_shared_instance(
-    session, ready, other
+    session, ready, other, kind
 ) -> None:
-    session.register("work", _remote.spin_or_block, max_concurrency=2, max_instances=1)
+    # Over grpc the first call runs on the agent's thread for a lone call and
+    # the second in its pool: the second is not held back behind the first.
+    session.register(
+        "work", _remote.spin_or_block, max_concurrency=2, max_instances=1, channel=kind
+    )
     doomed = session.submit("work", "spin", ready.port)
     spared = session.submit("work", "block", other.port, "spared")
     pid = ready.wait()

@@ -119,3 +119,44 @@ def test_agent_with_an_unreachable_address_exits(tmp_path) -> None:
     )
     assert done.returncode != 0
     assert b"cannot reach the host" in done.stderr
+
+
+def test_the_grpc_agent_hands_a_quick_reply_to_its_waiting_loop() -> None:
+    """The reply of the call the loop waits for skips the outbox; anything else,
+    and a reply that comes after the wait, goes through it."""
+    import asyncio
+
+    from spear_nb.agent._grpc_serve import LoopWire
+
+    async def main() -> None:
+        wire = LoopWire(asyncio.get_running_loop(), 1 << 20)
+        reply = Message(MessageType.EXECUTE_RESPONSE, 7, b"quick")
+        wire.expect_reply(7)
+        worker = threading.Thread(target=wire.write, args=(reply,))
+        worker.start()
+        body = wire.wait_for_reply(30)
+        worker.join()
+        assert body is not None and b"quick" in body
+        assert wire.outbox.empty()
+
+        # Too late: the loop gave up waiting, so the reply takes the outbox.
+        wire.expect_reply(8)
+        assert wire.wait_for_reply(0.001) is None
+        late = threading.Thread(
+            target=wire.write, args=(Message(MessageType.EXECUTE_RESPONSE, 8, b"slow"),)
+        )
+        late.start()
+        late.join()
+        assert b"slow" in await asyncio.wait_for(wire.outbox.get(), 30)
+
+        # Another call's reply, or a stream chunk of this one, is never kept.
+        wire.expect_reply(9)
+        wire.write(Message(MessageType.STREAM_DATA, 9, b"chunk"))
+        wire.write(Message(MessageType.EXECUTE_RESPONSE, 10, b"other"))
+        assert b"chunk" in wire.outbox.get_nowait()
+        assert b"other" in wire.outbox.get_nowait()
+        wire.write(Message(MessageType.EXECUTE_RESPONSE, 9, b"mine"))
+        body = wire.wait_for_reply(30)
+        assert body is not None and b"mine" in body
+
+    asyncio.run(main())
