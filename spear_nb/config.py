@@ -43,9 +43,10 @@ class SessionConfig:
     # the instance's direct lane, instead of through the session's loop.
     direct_calls: bool = True
     # How long (microseconds) a direct call and its instance poll for the next
-    # message before they sleep: waking a sleeping CPU costs more. 0 turns it off;
-    # it is always off on a single CPU.
-    busy_poll_us: float = 50.0
+    # message before they sleep: waking a sleeping CPU costs more. Long enough for
+    # a quick call's round trip on a busy machine, or neither end's polls pay and
+    # both back off. 0 turns it off; it is always off on a single CPU.
+    busy_poll_us: float = 200.0
     event_log_size: int = 10_000
     execution_log_size: int = 10_000
     python: str = ""  # interpreter for process instances; "" means sys.executable
