@@ -63,6 +63,27 @@ def test_cancel_interrupts_a_running_python_function(session, ready, kind) -> No
     assert cancelled == 1
 
 
+@pytest.mark.parametrize("kind", ["unix", "tcp", "grpc"])
+def test_cancel_breaks_a_blocking_sleep_and_keeps_the_instance(
+    session, ready, kind
+) -> None:
+    """A call blocked in C (``time.sleep``) is interrupted too, not waited out or
+    killed with its instance: over gRPC the lone call runs on the agent's main
+    thread, where a signal can break the sleep."""
+    session.register("nap", _remote.report_and_sleep, channel=kind)
+    handle = session.submit("nap", ready.port, 60)
+    pid = ready.wait()
+    handle.cancel()
+    with pytest.raises(spear_nb.ExecutionCancelled):
+        handle.result(timeout=30)
+    # Had the sleep gone on past stop_grace (0.5 s here), the instance would
+    # have been killed and replaced.
+    assert _status(session, handle.execution_id) == "cancelled"
+    (row,) = session.instances().to_dict("records")
+    assert row["pid"] == pid and row["status"] == "ready"
+    assert psutil.pid_exists(pid)
+
+
 @pytest.mark.parametrize("kind", ["unix", "grpc"])
 def test_cancel_hits_only_its_own_call_on_a_shared_instance(
     session, ready, other, kind

@@ -4,10 +4,12 @@ The host opens one ``Agent.Connect`` stream; its first frame is the auth request
 carrying the instance id, the secret and the function to load. After that the
 stream carries exactly what a socket channel carries, served by the same
 :class:`~spear_nb.agent._serve.Server`. The stream is read and written on an
-asyncio loop (grpc.aio); calls run in the server's thread pool, so the stream
-keeps being read while they run, heartbeats go on and a cancel can reach a
-running call. The loop waits a moment for the reply of a lone call, so that a
-quick one goes back without a second thread wake-up.
+asyncio loop (grpc.aio) in a thread of its own, so the stream keeps being read
+while calls run, heartbeats go on and a cancel can reach a running call. A lone
+call runs on the main thread, where a cancel (a signal the agent sends itself)
+breaks even a blocking C call; calls beside it run in the server's thread pool.
+The loop waits a moment for the lone call's reply, so that a quick one goes back
+without a second thread wake-up.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import hmac
 import os
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -54,7 +57,7 @@ HANDOFF_WAIT = 0.001
 class LoopWire:
     """The Wire interface of the agent over one gRPC stream on an event loop.
 
-    Requests are read on the loop and handed to the server's thread pool; replies
+    Requests are read on the loop and handed to the main thread or the pool; replies
     may be written from any thread and are queued for the stream on the loop. A
     reply the loop is waiting for (see :meth:`wait_for_reply`) is handed to it
     directly instead.
@@ -119,17 +122,15 @@ class LoopWire:
 
 
 class LoneRunner:
-    """A thread of its own for the lone call: quicker to hand a call to than
-    the pool, and always free when the loop asks (``idle``)."""
+    """The main thread, serving the lone call: quicker to hand a call to than
+    the pool, and interruptible by a signal even in a blocking C call (a cancel
+    raises in ``time.sleep`` there; it cannot in a worker thread). ``idle`` says
+    whether it is free for the next call; busy, calls go to the pool."""
 
-    def __init__(self, run: Callable[[Message], None]) -> None:
+    def __init__(self) -> None:
         self.idle = True
-        self._run = run
+        self.server: Server | None = None  # set once the host has connected
         self._jobs: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._serve, name="spear-agent-lone", daemon=True
-        )
-        self._thread.start()
 
     def submit(self, message: Message) -> None:
         self.idle = False
@@ -138,21 +139,31 @@ class LoneRunner:
     def stop(self) -> None:
         self._jobs.put(None)
 
-    def _serve(self) -> None:
+    def serve(self) -> None:
+        """Run calls on this (the main) thread until :meth:`stop`."""
         while True:
             message = self._jobs.get()
             if message is None:
                 return
             try:
-                self._run(message)
+                if self.server is not None:
+                    self.server.execute(message, on_main=True)
             except _Cancelled:  # a cancel that came as the call was ending
                 pass
             finally:
                 self.idle = True
 
+    def on_signal(self, signum: int, frame: Any) -> None:
+        if self.server is not None:
+            self.server.on_main_cancel_signal(signum, frame)
+
 
 def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
-    """Serve gRPC on SPEAR_GRPC_ADDRESS until one host session has ended."""
+    """Serve gRPC on SPEAR_GRPC_ADDRESS until one host session has ended.
+
+    The stream is served on an event loop in a thread of its own; this (the main)
+    thread runs the lone call, see :class:`LoneRunner`.
+    """
     if env.get("SPEAR_GRPC_DISABLED"):
         raise AgentError("gRPC is disabled by SPEAR_GRPC_DISABLED")
     try:
@@ -163,9 +174,43 @@ def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
         from spear_nb.communication.grpc_channel import channel_options
     except ImportError as exc:
         raise AgentError(f"gRPC is not installed here ({exc})") from exc
-    return asyncio.run(
-        _serve(env, script_fn, grpc, spear_pb2, spear_pb2_grpc, channel_options)
-    )
+    runner = LoneRunner()
+    signal.signal(signal.SIGUSR1, runner.on_signal)
+    outcome: list[int | BaseException] = []
+
+    def serve_stream() -> None:
+        try:
+            outcome.append(
+                asyncio.run(
+                    _serve(
+                        env,
+                        script_fn,
+                        grpc,
+                        spear_pb2,
+                        spear_pb2_grpc,
+                        channel_options,
+                        runner,
+                    )
+                )
+            )
+        except BaseException as exc:  # handed to the main thread
+            outcome.append(exc)
+        if not runner.idle:
+            # The host is gone and a call still runs on the main thread: it
+            # has no one to answer to, so do not wait for it.
+            code = outcome[0] if isinstance(outcome[0], int) else EXIT_NO_HOST
+            sys.stderr.flush()
+            os._exit(code)
+        runner.stop()
+
+    thread = threading.Thread(target=serve_stream, name="spear-agent-grpc")
+    thread.start()
+    runner.serve()
+    thread.join()
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
 
 async def _serve(
@@ -175,6 +220,7 @@ async def _serve(
     spear_pb2: Any,
     spear_pb2_grpc: Any,
     channel_options: Callable[[int], list[tuple[str, Any]]],
+    runner: LoneRunner,
 ) -> int:
     address = env["SPEAR_GRPC_ADDRESS"]
     instance_id = env.get("SPEAR_INSTANCE_ID", "")
@@ -241,7 +287,7 @@ async def _serve(
             )
 
             lock = asyncio.Lock()
-            runner = LoneRunner(server.execute)
+            runner.server = server
 
             async def send(body: bytes) -> None:
                 async with lock:
@@ -289,7 +335,6 @@ async def _serve(
             finally:
                 stop.set()
                 reader.cancel()
-                runner.stop()
                 server.shutdown()
                 finished.set()
 

@@ -181,6 +181,9 @@ class Server:
         self.cancelled = 0
         self.pool: Any = None
         self.threads: dict[int, int] = {}  # request id -> worker thread ident
+        # gRPC: calls the host cancelled that run on the main thread; the signal
+        # the agent then sends itself raises in the call only if it is one.
+        self.cancel_wanted: set[int] = set()
         self.batch = wire if isinstance(wire, Wire) else None
         # The direct lane: a second connection on which the host's calling
         # thread sends calls itself (see spear_nb.communication.lane).
@@ -197,6 +200,12 @@ class Server:
         if self.current and self.current != self.cancelled:
             self.cancelled = self.current
             raise _Cancelled()
+
+    def on_main_cancel_signal(self, signum: int, frame: Any) -> None:
+        """SIGUSR1 in gRPC mode: the main thread's call stops only if the host
+        asked to cancel that very call (other calls run in the pool)."""
+        if self.current in self.cancel_wanted:
+            self.on_cancel_signal(signum, frame)
 
     def serve(self) -> int:
         batch = self.batch
@@ -277,8 +286,18 @@ class Server:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
     def cancel_thread(self, rid: int) -> None:
-        """Raise _Cancelled in the worker thread running call ``rid``, if any
-        (once: a repeated cancel finds nothing to do)."""
+        """Raise _Cancelled in the thread running call ``rid``, if any (once: a
+        repeated cancel finds nothing to do).
+
+        The main thread gets a signal, which also breaks a blocking C call
+        (``time.sleep``, a socket read); a worker thread gets the exception at
+        its next Python instruction.
+        """
+        if rid and rid == self.current and self.pool is not None:
+            if rid not in self.cancel_wanted:
+                self.cancel_wanted.add(rid)
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGUSR1)
+            return
         ident = self.threads.pop(rid, None)
         if ident is None:
             return
@@ -288,11 +307,17 @@ class Server:
             ctypes.c_ulong(ident), ctypes.py_object(_Cancelled)
         )
 
-    def execute(self, request: Message, wire: WireLike | None = None) -> None:
-        """Run one call and reply on ``wire`` (the channel unless told otherwise)."""
+    def execute(
+        self, request: Message, wire: WireLike | None = None, on_main: bool = False
+    ) -> None:
+        """Run one call and reply on ``wire`` (the channel unless told otherwise).
+
+        ``on_main``: on the main thread although there is a pool (gRPC's lone
+        call), so cancelled by a signal rather than in its thread.
+        """
         rid = request.request_id
         reply: Message
-        pooled = self.pool is not None
+        pooled = self.pool is not None and not on_main
         try:
             if pooled:
                 self.threads[rid] = threading.get_ident()
@@ -308,6 +333,8 @@ class Server:
                 self.current = 0
                 if pooled:
                     self.threads.pop(rid, None)
+                else:
+                    self.cancel_wanted.discard(rid)
             reply = Message(MessageType.EXECUTE_RESPONSE, rid, payload, _OK)
         except _Cancelled:
             self.threads.pop(rid, None)
@@ -388,8 +415,8 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
     env = dict(os.environ)
     name_process(env.get("SPEAR_INSTANCE_ID", ""))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The host interrupts inline calls with SIGUSR1; until the server installs
-    # its handler (and in gRPC mode, where calls run in threads) it is ignored.
+    # The host interrupts inline calls with SIGUSR1 (the gRPC agent sends it to
+    # itself); until a server installs its handler it is ignored.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     fallback_reason = ""
     if env.get("SPEAR_GRPC_ADDRESS"):

@@ -56,6 +56,10 @@ def spin() -> None:
         pass
 
 
+def nap() -> None:
+    time.sleep(60)
+
+
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
@@ -238,8 +242,9 @@ def test_streams_errors_and_pod_logs_come_back(session) -> None:
     assert "hello Ada from the pod" in details["log_tail"]
 
 
-def test_a_timed_out_call_is_cancelled_inside_the_pod(session) -> None:
-    session.register("spin", spin, image=IMAGE, timeout=0.3)
+@pytest.mark.parametrize("fn", [spin, nap], ids=["python-loop", "blocking-sleep"])
+def test_a_timed_out_call_is_cancelled_inside_the_pod(session, fn) -> None:
+    session.register("spin", fn, image=IMAGE, timeout=0.3)
     session.register("inc", _remote.inc, image=IMAGE)
     with pytest.raises(spear_nb.ExecutionTimeout):
         session.invoke("spin")
