@@ -132,8 +132,12 @@ def test_cancel_kills_a_running_command_and_its_children(session, ready) -> None
     assert statuses == ["succeeded", "cancelled", "succeeded"]
 
 
-def test_leaving_a_stream_cancels_the_call_in_its_instance(session, ready) -> None:
-    session.register("steps", _remote.two_steps)
+@pytest.mark.parametrize("kind", ["unix", "grpc"])
+def test_leaving_a_stream_cancels_the_call_in_its_instance(
+    session, ready, kind
+) -> None:
+    # The function blocks in a socket read: only a signal gets it out of there.
+    session.register("steps", _remote.two_steps, channel=kind)
     stream = session.stream("steps", ready.port)
     assert next(stream) == 0
     ready.wait()  # the function now blocks before its second chunk

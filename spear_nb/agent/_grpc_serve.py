@@ -303,16 +303,17 @@ async def _serve(
                         message = unpack(frame.body)
                         if (
                             message.type is MessageType.EXECUTE_REQUEST
+                            and runner.idle
                             and not server.threads
-                            and message.header("mode") != "stream"
                         ):
-                            # A lone call: wait for a quick reply here. (Stream
-                            # chunks go through the outbox: not for them.)
-                            wire.expect_reply(message.request_id)
-                            if runner.idle:
+                            # A lone call: to the main thread.
+                            if message.header("mode") == "stream":
+                                # Its chunks go through the outbox, and so
+                                # must its reply, after them.
                                 runner.submit(message)
-                            else:
-                                server.dispatch(message)
+                                continue
+                            wire.expect_reply(message.request_id)
+                            runner.submit(message)
                             body = wire.wait_for_reply(HANDOFF_WAIT)
                             if body is not None:
                                 await send(body)
