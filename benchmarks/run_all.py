@@ -462,6 +462,26 @@ def issue_targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def echo_note(results: dict[str, Any]) -> list[str]:
+    """Say what the blocking echo, the baseline of the unix ratios, measured in
+    each benchmark of this run: a slow echo makes a ratio look better."""
+    here = _get(results.get("bench_process", {}), "raw_unix_echo.median_us")
+    there = _get(results.get("bench_channels", {}), "raw_blocking_unix_echo.median_us")
+    if not isinstance(here, (int, float)) or not isinstance(there, (int, float)):
+        return []
+    line = (
+        f"The raw blocking echo measured {here:,.0f} µs in `bench_process` and "
+        f"{there:,.0f} µs in `bench_channels` in this run."
+    )
+    if max(here, there) > 1.5 * min(here, there):
+        line += (
+            " The slower one most likely had its two processes on two CPUs, where "
+            "each message wakes a halted CPU: the ratios against it look better "
+            "than they are."
+        )
+    return ["", line]
+
+
 def document(results: dict[str, Any], figures: dict[str, str]) -> str:
     peers = results["peers"]
     m = results["machine"]
@@ -515,6 +535,7 @@ def document(results: dict[str, Any], figures: dict[str, str]) -> str:
         "(same run):",
         "",
         *issue_targets(results),
+        *echo_note(results),
         "",
         f"Warm invoke is `Session.invoke` (the blocking facade, which talks to an "
         f"idle instance over its direct lane, without crossing to the session's "

@@ -31,3 +31,23 @@ def test_benchmark_script_starts(script: str) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "usage:" in done.stdout
+
+
+def test_the_document_flags_a_slow_echo_baseline(monkeypatch) -> None:
+    """The unix ratios divide by the blocking echo; a run whose echo was slow in
+    one benchmark says so next to the table."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import run_all
+
+    def results(here: float, there: float) -> dict:
+        return {
+            "bench_process": {"raw_unix_echo": {"median_us": here}},
+            "bench_channels": {"raw_blocking_unix_echo": {"median_us": there}},
+        }
+
+    slow = " ".join(run_all.echo_note(results(13, 36)))
+    assert "13 µs in `bench_process` and 36 µs in `bench_channels`" in slow
+    assert "look better than they are" in slow
+    steady = " ".join(run_all.echo_note(results(13, 14)))
+    assert "13 µs" in steady and "look better" not in steady
+    assert run_all.echo_note({}) == []
