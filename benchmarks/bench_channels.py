@@ -61,6 +61,19 @@ class Baselines:
 
         return lambda k: self.loop.run(run(k))
 
+    async def _close(self) -> None:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Stop what the baselines started besides their loop."""
+
+    def close(self) -> None:
+        try:
+            self.loop.run(self._close())
+        finally:
+            self.loop.stop()
+            self._release()
+
 
 class SocketBaselines(Baselines):
     """A blocking Unix-socket echo served by a forked child, and an asyncio
@@ -90,13 +103,9 @@ class SocketBaselines(Baselines):
         self._writer.close()
         await self._writer.wait_closed()
 
-    def close(self) -> None:
-        try:
-            self.loop.run(self._close())
-        finally:
-            self.loop.stop()
-            self._echo.close()
-            self.blocking.close()
+    def _release(self) -> None:
+        self._echo.close()
+        self.blocking.close()
 
 
 class GrpcBaselines(Baselines):
@@ -133,13 +142,9 @@ class GrpcBaselines(Baselines):
         await self._remote.close()
         await self._server.stop(None)
 
-    def close(self) -> None:
-        try:
-            self.loop.run(self._close())
-        finally:
-            self.loop.stop()
-            self._child.kill()
-            self._child.join(10)
+    def _release(self) -> None:
+        self._child.kill()
+        self._child.join(10)
 
 
 class _Echo(spear_pb2_grpc.AgentServicer):

@@ -48,7 +48,7 @@ _END = object()
 # How long a started agent waits for its host to dial in before giving up.
 CONNECT_WAIT = 120.0
 # How long the loop waits, blocked, for the reply of a lone call that it has
-# handed to a worker thread. A reply that comes within it is written at once,
+# handed to the main thread. A reply that comes within it is written at once,
 # without waking the loop (a thread wake-up costs tens of microseconds here); a
 # later one comes through the outbox. Heartbeats and cancels wait at most this.
 HANDOFF_WAIT = 0.001
@@ -105,7 +105,7 @@ class LoopWire:
 
     def wait_for_reply(self, timeout: float) -> bytes | None:
         """Block up to ``timeout`` for the reply named by :meth:`expect_reply`
-        (a worker thread runs the call meanwhile). None if it has not come by
+        (another thread runs the call meanwhile). None if it has not come by
         then: it goes through the outbox when it does."""
         if not self._handed_over.acquire(True, timeout):
             with self._lock:
