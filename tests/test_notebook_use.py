@@ -10,6 +10,7 @@ import pytest
 
 import spear_nb
 from tests import _remote
+from tests._support import warm_grpc
 
 
 def test_invoke_from_an_ipywidgets_callback(session) -> None:
@@ -53,10 +54,32 @@ def test_socket_path_too_long_falls_back_to_tcp(long_tmpdir, caplog) -> None:
         events = s.events()
 
     assert channels["type"].tolist() == ["tcp"]
+    assert channels["fallback_from"].tolist() == ["unix"]
     fallbacks = events[events["phase"] == "channel_fallback"]
     assert len(fallbacks) == 1
     assert "longer than" in fallbacks["detail"].iloc[0]
     assert any("uses tcp" in r.getMessage() for r in caplog.records)
+    assert not any(p.name.startswith("spear_nb-") for p in long_tmpdir.iterdir())
+
+
+@pytest.fixture(scope="module")
+def grpc_state() -> None:
+    warm_grpc()  # gRPC's process-wide pollers are no test's leak
+
+
+@pytest.mark.timeout(60)
+def test_grpc_with_a_socket_path_too_long_serves_on_loopback_tcp(
+    grpc_state, long_tmpdir
+) -> None:
+    # A gRPC server given a Unix path over the OS limit hung the session.
+    name = "a_function_name_of_sixty_characters_that_pushes_its_path_over"
+    with spear_nb.Session(stop_grace=0.5) as s:
+        s.register(name, _remote.inc, channel="grpc")
+        assert s.invoke(name, 1) == 2
+        channel = s.channels().iloc[0]
+
+    assert channel["type"] == "grpc" and channel["fallback_from"] == ""
+    assert channel["address"].startswith("127.0.0.1:")
     assert not any(p.name.startswith("spear_nb-") for p in long_tmpdir.iterdir())
 
 

@@ -50,6 +50,7 @@ class _Expectation:
     future: asyncio.Future[Channel]
     channel_type: str
     auth_failures: int = 0
+    fallback_from: str = ""  # the type tried first, when this one is a fallback
 
 
 @dataclass
@@ -125,7 +126,12 @@ class CommunicationFactory:
                 self._fell_back(instance_id, kind, reasons)
             loop = asyncio.get_running_loop()
             self._expected[instance_id] = _Expectation(
-                instance_id, secret, bootstrap, loop.create_future(), kind
+                instance_id,
+                secret,
+                bootstrap,
+                loop.create_future(),
+                kind,
+                fallback_from=_tried_first(reasons),
             )
             return listener.env()
         raise ChannelError(
@@ -146,7 +152,7 @@ class CommunicationFactory:
 
     def fell_back(self, instance_id: str, channel: Channel, reasons: list[str]) -> None:
         """Record that an instance reached the host over a fallback channel."""
-        channel.fallback_from = reasons[0].split(":", 1)[0] if reasons else ""
+        channel.fallback_from = _tried_first(reasons)
         self._fell_back(instance_id, channel.type.value, reasons)
 
     def _fell_back(self, instance_id: str, chosen: str, reasons: list[str]) -> None:
@@ -213,6 +219,8 @@ class CommunicationFactory:
             raise AuthenticationFailed(f"instance {instance_id} is already connected")
         channel.instance_id = instance_id
         channel.expects_heartbeats = True  # every dial-in peer is an agent
+        if expected.fallback_from:
+            channel.fallback_from = expected.fallback_from
         channel.on_lost(self._lost)
         self._pool[instance_id] = channel
         self._history.append(channel)
@@ -393,3 +401,8 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise ConfigurationError(f"another process is already listening on {path}")
+
+
+def _tried_first(reasons: list[str]) -> str:
+    """The channel type named by the first of ``reasons`` ("kind: why")."""
+    return reasons[0].split(":", 1)[0] if reasons else ""

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import msgpack
 
 from spear_nb.communication.channel import Channel
+from spear_nb.communication.factory import MAX_UNIX_PATH
 from spear_nb.communication.lane import DirectLane, LaneLost, LaneTimeout
 from spear_nb.communication.protocol import Message, MessageType
 from spear_nb.communication.stream import StreamChannel
@@ -181,8 +183,7 @@ class ProcessRuntime(Runtime):
         )
         instance.channel_type = env["SPEAR_CHANNEL"]
         if dial_out:
-            path = os.path.join(ctx.workdir, f"{instance.instance_id}.grpc.sock")
-            env["SPEAR_GRPC_ADDRESS"] = f"unix:{path}"
+            env["SPEAR_GRPC_ADDRESS"] = grpc_address(ctx.workdir, instance.instance_id)
         handle = await self._spawn(instance, spec, env)
         instance.handle = handle
         timeout = instance.task.settings.start_timeout
@@ -782,3 +783,24 @@ def _add_python_path(env: dict[str, str], cwd: str) -> None:
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)
+
+
+def grpc_address(workdir: str, instance_id: str) -> str:
+    """Where an instance's agent serves gRPC: a Unix socket in the session's
+    directory, or a loopback TCP port when that path would be longer than the
+    OS allows (a long TMPDIR or function name). gRPC would not refuse such a
+    path but hang on it."""
+    path = os.path.join(workdir, f"{instance_id}.grpc.sock")
+    if len(os.fsencode(path)) <= MAX_UNIX_PATH:
+        return f"unix:{path}"
+    logger.info(
+        "the socket path %s is too long; instance %s serves gRPC on TCP",
+        path,
+        instance_id,
+    )
+    # A port free now; should another process take it first, the agent cannot
+    # serve and dials the host instead (a fallback the factory records).
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"127.0.0.1:{port}"
