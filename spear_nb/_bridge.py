@@ -11,7 +11,8 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 from spear_nb.errors import SpearError, WaitTimeout
@@ -24,6 +25,20 @@ T = TypeVar("T")
 WAIT_SLICE = 0.25
 # After Ctrl-C, how long to let the cancellation reach the instance.
 CANCEL_GRACE = 5.0
+
+
+def wait_slices(timeout: float | None) -> Iterator[float]:
+    """The waits, each at most :data:`WAIT_SLICE`, that make up a blocking wait
+    of ``timeout`` seconds (None: without end); the last one ends on time."""
+    if timeout is None:
+        while True:
+            yield WAIT_SLICE
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        yield max(0.0, min(WAIT_SLICE, left))
+        if left <= WAIT_SLICE:
+            return
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -104,15 +119,15 @@ class LoopThread:
             coro.close()
             raise
         try:
-            waited = 0.0
-            while not done.acquire(timeout=WAIT_SLICE):
-                waited += WAIT_SLICE
-                if timeout is not None and waited >= timeout:
-                    self.loop.call_soon_threadsafe(lambda: holder[0].cancel())
-                    done.acquire(timeout=CANCEL_GRACE)
-                    raise WaitTimeout(
-                        f"gave up waiting after {timeout:g} s; the call was cancelled"
-                    )
+            for wait in wait_slices(timeout):
+                if done.acquire(timeout=wait):
+                    break
+            else:
+                self.loop.call_soon_threadsafe(lambda: holder[0].cancel())
+                done.acquire(timeout=CANCEL_GRACE)
+                raise WaitTimeout(
+                    f"gave up waiting after {timeout:g} s; the call was cancelled"
+                )
         except KeyboardInterrupt:
             self._cancel(holder, done)
             raise

@@ -8,7 +8,7 @@ import queue
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any
 
-from spear_nb._bridge import CANCEL_GRACE, WAIT_SLICE, LoopThread
+from spear_nb._bridge import CANCEL_GRACE, WAIT_SLICE, LoopThread, wait_slices
 from spear_nb.errors import ExecutionCancelled, WaitTimeout
 from spear_nb.execution.model import Execution
 
@@ -54,21 +54,14 @@ class ExecutionHandle:
         Ctrl-C while waiting cancels the call. ``timeout`` limits the wait, not
         the call: on expiry :class:`WaitTimeout` is raised and the call goes on.
         """
-        waited = 0.0
         try:
-            while True:
+            for wait in wait_slices(timeout):
                 try:
-                    return self._future.result(timeout=WAIT_SLICE)
+                    return self._future.result(timeout=wait)
                 except concurrent.futures.TimeoutError:
                     # The call's own ExecutionTimeout is a TimeoutError too.
                     if self._future.done():
                         raise
-                    waited += WAIT_SLICE
-                    if timeout is not None and waited >= timeout:
-                        raise WaitTimeout(
-                            f"{self.execution_id} is still {self.status} after "
-                            f"{timeout:g} s; it goes on: wait again, or cancel() it"
-                        ) from None
                 except concurrent.futures.CancelledError:
                     raise ExecutionCancelled(
                         f"{self.execution_id} was cancelled"
@@ -76,6 +69,10 @@ class ExecutionHandle:
         except KeyboardInterrupt:
             self.cancel()
             raise
+        raise WaitTimeout(
+            f"{self.execution_id} is still {self.status} after {timeout:g} s; it "
+            "goes on: wait again, or cancel() it"
+        )
 
     def cancel(self) -> bool:
         """Cancel the call; return False if it had already finished."""
