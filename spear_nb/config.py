@@ -11,6 +11,9 @@ from spear_nb.errors import ConfigurationError, did_you_mean
 from spear_nb.execution.model import QueuePolicy, TaskSettings
 from spear_nb.execution.scheduler import POLICIES
 
+# The smallest max_frame_size a session takes: smaller, no instance could start.
+MIN_FRAME = 4096
+
 
 @dataclasses.dataclass(frozen=True)
 class SessionConfig:
@@ -96,6 +99,12 @@ class SessionConfig:
                 raise ConfigurationError(
                     f"SessionConfig.{name} must be {bound}, got {value!r}"
                 )
+        if self.max_frame_size < MIN_FRAME:
+            raise ConfigurationError(
+                f"SessionConfig.max_frame_size must be at least {MIN_FRAME} bytes "
+                f"(the auth request and the function's code travel in one frame), "
+                f"got {self.max_frame_size!r}"
+            )
         for name in ("direct_calls", "kube_port_forward"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigurationError(

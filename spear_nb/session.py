@@ -419,6 +419,10 @@ class Session:
         async def snapshot() -> pd.DataFrame:
             return build(self._manager)
 
+        if self.state is SessionState.CLOSED:
+            # The loop has stopped and nothing changes any more: the tables
+            # show how the session ended.
+            return build(self._manager)
         return self._run(snapshot())
 
     def instances(self) -> pd.DataFrame:

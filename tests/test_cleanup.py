@@ -70,13 +70,23 @@ def test_a_closed_session_raises_session_closed() -> None:
     for use in (
         lambda: s.invoke("inc", 1),
         lambda: s.register("other", _remote.inc),
-        lambda: s.instances(),
-        lambda: s.events(),
         lambda: s.inspect("inc"),
         lambda: asyncio.run(s.ainvoke("inc", 1)),
     ):
         with pytest.raises(spear_nb.SessionClosed, match="closed"):
             use()
+
+
+def test_the_tables_show_how_a_closed_session_ended() -> None:
+    with spear_nb.Session(stop_grace=0.5) as s:
+        s.register("inc", _remote.inc)
+        assert s.invoke("inc", 1) == 2
+    assert s.instances()["status"].tolist() == ["stopped"]
+    assert s.executions()["status"].tolist() == ["succeeded"]
+    assert s.channels()["state"].tolist() == ["closed"]
+    assert s.metrics()["function"].tolist() == ["inc"]
+    assert "execute" in s.events()["phase"].tolist()
+    assert s.tasks()["function"].tolist() == ["inc"]
 
 
 def test_async_context_manager() -> None:

@@ -18,6 +18,7 @@ from tests import _remote
         {"instance_start_timeout": -1},
         {"health_check_interval": 0},
         {"max_frame_size": 0},
+        {"max_frame_size": 10},  # no instance could start: refused up front
         {"queue_policy": "sometimes"},
         {"scheduler": "coin_flip"},
     ],

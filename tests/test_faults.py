@@ -183,6 +183,15 @@ def test_result_that_cannot_be_pickled(session) -> None:
     assert_usable(session)
 
 
+def test_a_generator_called_with_invoke_points_to_stream(session) -> None:
+    session.register("squares", _remote.count_up)
+    with pytest.raises(spear_nb.RemoteError) as info:
+        session.invoke("squares", 3)
+    assert info.value.remote_type == "TypeError"
+    assert "session.stream(" in info.value.remote_message
+    assert list(session.stream("squares", 3)) == [0, 1, 4]  # the same instance
+
+
 def test_function_that_raises(session) -> None:
     session.register("boom", _remote.explode_on_purpose)
     with pytest.raises(spear_nb.RemoteError) as info:

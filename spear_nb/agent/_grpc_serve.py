@@ -40,9 +40,9 @@ from spear_nb.communication.protocol import (
     Message,
     MessageType,
     pack,
+    too_large,
     unpack,
 )
-from spear_nb.errors import PayloadTooLarge
 
 _END = object()
 # How long a started agent waits for its host to dial in before giving up.
@@ -81,10 +81,7 @@ class LoopWire:
     def write(self, message: Message) -> None:
         body = pack(message)
         if len(body) > self.max_frame:
-            raise PayloadTooLarge(
-                f"the {message.type.name.lower()} message is {len(body)} bytes, more "
-                f"than the maximum frame size of {self.max_frame} bytes"
-            )
+            raise too_large(message, len(body), self.max_frame)
         if (
             self._awaited
             and message.request_id == self._awaited

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -371,6 +372,12 @@ def dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, protocol=5)
     except (pickle.PicklingError, TypeError, AttributeError):
+        if isinstance(value, (types.GeneratorType, types.AsyncGeneratorType)):
+            raise TypeError(
+                f"the function returned a {type(value).__name__}, which cannot be "
+                "sent back; to get its items as they come, call it with "
+                "session.stream(...) (or astream), or return a list of them"
+            ) from None
         import cloudpickle
 
         try:

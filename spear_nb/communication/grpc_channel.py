@@ -28,9 +28,10 @@ from spear_nb.communication.protocol import (
     MessageType,
     check_length,
     pack,
+    too_large,
     unpack,
 )
-from spear_nb.errors import AuthenticationFailed, ChannelError, PayloadTooLarge
+from spear_nb.errors import AuthenticationFailed, ChannelError
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +151,7 @@ class GrpcChannel(Channel):
             )
         body = pack(message)
         if len(body) > self.max_frame:
-            raise PayloadTooLarge(
-                f"the {message.type.name.lower()} message is {len(body)} bytes, more "
-                f"than the maximum frame size of {self.max_frame} bytes; "
-                "send less data per call or raise max_frame_size"
-            )
+            raise too_large(message, len(body), self.max_frame)
         self._outbox.put_nowait(body)
         return len(body)
 

@@ -108,12 +108,17 @@ def frame(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
     """Encode a message as one length-prefixed frame, refusing oversized ones."""
     body = pack(message)
     if len(body) > max_frame:
-        raise PayloadTooLarge(
-            f"the {message.type.name.lower()} message is {_size(len(body))}, more "
-            f"than the maximum frame size of {_size(max_frame)}; send less data per "
-            "call or raise max_frame_size in the session's configuration"
-        )
+        raise too_large(message, len(body), max_frame)
     return LENGTH.pack(len(body)) + body
+
+
+def too_large(message: Message, nbytes: int, max_frame: int) -> PayloadTooLarge:
+    """The error for a message of ``nbytes`` over the frame limit, on any channel."""
+    return PayloadTooLarge(
+        f"the {message.type.name.lower()} message is {_size(nbytes)}, more than "
+        f"the maximum frame size of {_size(max_frame)}; send less data per call "
+        "or raise max_frame_size in the session's configuration"
+    )
 
 
 def unpack(body: bytes | memoryview) -> Message:

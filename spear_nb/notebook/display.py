@@ -44,7 +44,7 @@ def _readable(name: str, value: Any) -> Any:
     values: what the DataFrames show, so the two read alike."""
     if isinstance(value, enum.Enum):
         return value.value
-    if name.endswith("_at") and isinstance(value, float):
+    if (name.endswith("_at") or name == "last_activity") and isinstance(value, float):
         import pandas as pd
 
         return pd.Timestamp(value, unit="s", tz="UTC")
@@ -161,13 +161,11 @@ def inspect(manager: TaskExecutionManager, key: str) -> Inspection:
             ),
         }
         return Inspection("artifact", key, details)
-    for channel in manager.factory.channels():
-        if channel.channel_id == key:
-            details = channel.describe()
-            details["auth_failures"] += manager.factory.auth_failures_for(
-                channel.instance_id
-            )
-            return Inspection("channel", key, details)
+    from spear_nb.notebook.frames import channel_rows
+
+    for row in channel_rows(manager):
+        if row["channel_id"] == key:
+            return Inspection("channel", key, row)
     raise FunctionNotFound(
         f"nothing named {key!r} in this session: it is not a function, task, "
         "artifact, instance, channel or execution id"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pandas as pd
 import pytest
 
 import spear_nb
@@ -58,6 +59,9 @@ def test_every_object_has_a_text_and_an_html_repr(session) -> None:
     assert objects["artifact"]["tasks"] == [info.task_id]
     assert objects["channel"]["instance_id"] == "square-1"
     assert objects["channel"]["type"] == "unix"
+    assert objects["channel"]["reconnects"] == 0  # the same row as channels()
+    for when in ("connected_at", "last_activity"):  # times read as in the tables
+        assert isinstance(objects["channel"][when], pd.Timestamp), when
     assert "<svg" in objects["execution"]._repr_html_()
     assert "<svg" in handle._repr_html_() and "succeeded" in handle._repr_html_()
     assert "square" in info._repr_html_() and info.artifact_id in info._repr_html_()
