@@ -25,6 +25,8 @@ T = TypeVar("T")
 WAIT_SLICE = 0.25
 # After Ctrl-C, how long to let the cancellation reach the instance.
 CANCEL_GRACE = 5.0
+# The message of the cancel that Ctrl-C makes (so that its execution says so).
+CTRL_C = "Ctrl-C"
 
 
 def wait_slices(timeout: float | None) -> Iterator[float]:
@@ -139,7 +141,7 @@ class LoopThread:
     def _cancel(self, holder: list[asyncio.Task[Any]], done: threading.Lock) -> None:
         def cancel() -> None:
             if holder:
-                holder[0].cancel()
+                holder[0].cancel(CTRL_C)
 
         self.loop.call_soon_threadsafe(cancel)
         if not done.acquire(timeout=CANCEL_GRACE):

@@ -8,7 +8,13 @@ import queue
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any
 
-from spear_nb._bridge import CANCEL_GRACE, WAIT_SLICE, LoopThread, wait_slices
+from spear_nb._bridge import (
+    CANCEL_GRACE,
+    CTRL_C,
+    WAIT_SLICE,
+    LoopThread,
+    wait_slices,
+)
 from spear_nb.errors import ExecutionCancelled, WaitTimeout
 from spear_nb.execution.model import Execution
 
@@ -67,7 +73,7 @@ class ExecutionHandle:
                         f"{self.execution_id} was cancelled"
                     ) from None
         except KeyboardInterrupt:
-            self.cancel()
+            self._cancel(CTRL_C)
             raise
         raise WaitTimeout(
             f"{self.execution_id} is still {self.status} after {timeout:g} s; it "
@@ -76,9 +82,12 @@ class ExecutionHandle:
 
     def cancel(self) -> bool:
         """Cancel the call; return False if it had already finished."""
+        return self._cancel(None)
+
+    def _cancel(self, why: str | None) -> bool:
         if self._future.done():
             return False
-        self._loop.loop.call_soon_threadsafe(self._task.cancel)
+        self._loop.loop.call_soon_threadsafe(self._task.cancel, why)
         return True
 
     def __await__(self) -> Generator[Any, None, Any]:

@@ -23,6 +23,7 @@ import time
 from collections import deque
 from typing import Any
 
+from spear_nb._bridge import CTRL_C
 from spear_nb.communication.factory import CommunicationFactory
 from spear_nb.config import SessionConfig
 from spear_nb.errors import (
@@ -266,9 +267,11 @@ class TaskExecutionManager:
             ok = True
             execution.status = ExecutionStatus.SUCCEEDED
             return result
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             execution.status = ExecutionStatus.CANCELLED
-            execution.error = "cancelled"
+            execution.error = (
+                f"cancelled ({CTRL_C})" if CTRL_C in exc.args else "cancelled"
+            )
             if self.state is not ManagerState.OPEN:
                 execution.error = "the session was closed"
                 raise SessionClosed(
@@ -359,7 +362,7 @@ class TaskExecutionManager:
             return result
         except KeyboardInterrupt:
             execution.status = ExecutionStatus.CANCELLED
-            execution.error = "cancelled (Ctrl-C)"
+            execution.error = f"cancelled ({CTRL_C})"
             raise
         except SpearError as exc:
             _ended_by(execution, exc)
