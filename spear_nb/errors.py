@@ -154,8 +154,8 @@ class RemoteError(ExecutionError):
 
     def __str__(self) -> str:
         head = f"{self.remote_type}: {self.remote_message}"
-        if not self.remote_traceback:
-            return head
+        if "Traceback (most recent call last)" not in self.remote_traceback:
+            return head  # no frames to show: the text would only repeat the head
         return f"{head}\n\nRemote traceback:\n{self.remote_traceback.rstrip()}"
 
     def _render_traceback_(self) -> list[str]:

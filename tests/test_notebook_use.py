@@ -109,6 +109,11 @@ def test_remote_error_renders_the_remote_traceback(session) -> None:
     assert "Remote traceback" in str(error)
 
 
+def test_a_remote_error_without_frames_says_its_message_once() -> None:
+    bare = spear_nb.RemoteError("TypeError", "no frames", "TypeError: no frames\n")
+    assert str(bare) == "TypeError: no frames"
+
+
 def test_remote_source_lines_come_from_the_host() -> None:
     """A notebook function travels without its source; the kernel fills it in."""
     import inspect
