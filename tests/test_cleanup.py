@@ -198,3 +198,28 @@ def test_host_killed_with_sigkill_leaves_nothing(tmp_path, start_method) -> None
     # processes, then the directory must already be gone.
     assert all_gone(sorted(pids)) == []
     assert not os.path.exists(info["workdir"])
+
+
+def test_closing_a_session_that_used_grpc_leaves_no_thread(tmp_path) -> None:
+    # In a new interpreter: the other tests keep gRPC's pollers open on purpose.
+    process = _run_script(
+        tmp_path,
+        """
+        import json, threading, spear_nb
+        before = [t.name for t in threading.enumerate()]
+        with spear_nb.Session(stop_grace=0.5) as s:
+            s.register("inc", lambda x: x + 1, channel="grpc")
+            assert s.invoke("inc", 1) == 2
+            during = [t.name for t in threading.enumerate()]
+        after = [t.name for t in threading.enumerate()]
+        print(json.dumps({"before": before, "during": during, "after": after}))
+        """,
+    )
+    try:
+        out, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+    threads = json.loads(out)
+    assert len(threads["during"]) > len(threads["before"])  # the loop, gRPC's poller
+    assert threads["after"] == threads["before"], threads

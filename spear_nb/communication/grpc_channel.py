@@ -164,8 +164,12 @@ class GrpcChannel(Channel):
             self._closing = loop.create_task(self._shutdown())
 
     async def _shutdown(self) -> None:
-        if self._call is not None:
-            self._call.cancel()
+        # Dropped, not only cancelled: gRPC keeps its poller thread while any
+        # call or channel object of it lives (this channel outlives its stream
+        # in the session's channel history).
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
         if self._grpc is not None:
             grpc_channel, self._grpc = self._grpc, None
             with contextlib.suppress(Exception):
