@@ -292,7 +292,10 @@ def main() -> None:
         results["throughput_64_pipelined_gathered_per_s"] = throughput_gathered(
             s, "tput_pipelined"
         )
-        for kind in ("unix", "tcp", "grpc"):
+        kinds = [
+            k for k in ("unix", "tcp", "grpc", "memory") if f"spear_{k}_sync" in results
+        ]
+        for kind in kinds:
             for size in (1 << 20, 16 << 20):
                 key = f"bandwidth_{kind}_{size >> 20}MiB_MB_per_s"
                 results[key] = bandwidth(s, f"echo_{kind}", size) / 1e6
