@@ -223,3 +223,43 @@ def test_closing_a_session_that_used_grpc_leaves_no_thread(tmp_path) -> None:
     threads = json.loads(out)
     assert len(threads["during"]) > len(threads["before"])  # the loop, gRPC's poller
     assert threads["after"] == threads["before"], threads
+
+
+@pytest.mark.parametrize("kind", ["unix", "tcp"])
+def test_a_stopped_instance_exits_cleanly_having_been_told_to(kind) -> None:
+    # The CLOSE message used to be dropped as the channel closed in the same
+    # turn: the agent then saw the host vanish and exited with code 3.
+    with spear_nb.Session(stop_grace=5) as s:
+        s.register("inc", _remote.inc, channel=kind)
+        s.register("other", _remote.inc, channel=kind)
+        assert s.invoke("inc", 1) == 2 and s.invoke("other", 1) == 2
+        s.stop_instance("inc-1")
+    events = s.events()
+    exits = events[events["phase"] == "process_exited"]
+    assert sorted(exits["instance_id"]) == ["inc-1", "other-1"]
+    assert all(d.endswith("exited with code 0") for d in exits["detail"]), list(
+        exits["detail"]
+    )
+
+
+def test_forking_after_grpc_prints_nothing(tmp_path) -> None:
+    # gRPC's fork handlers used to print a line on stderr for every command run
+    # after a gRPC call (a process forked while gRPC's threads ran).
+    script = tmp_path / "host.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import spear_nb
+            with spear_nb.Session(stop_grace=0.5) as s:
+                s.register("inc", lambda x: x + 1, channel="grpc")
+                assert s.invoke("inc", 1) == 2
+                s.register("wc", command=["wc", "-c"])
+                assert [s.invoke("wc", b"abc") for _ in range(3)] == [b"3\\n"] * 3
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "fork" not in done.stderr, done.stderr

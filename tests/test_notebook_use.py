@@ -77,8 +77,12 @@ def test_grpc_with_a_socket_path_too_long_serves_on_loopback_tcp(
         s.register(name, _remote.inc, channel="grpc")
         assert s.invoke(name, 1) == 2
         channel = s.channels().iloc[0]
+        events = s.events()
 
     assert channel["type"] == "grpc" and channel["fallback_from"] == ""
+    # Its standby dial-in could not use unix either, but it was not used: no
+    # fallback to tell of.
+    assert "channel_fallback" not in events["phase"].tolist()
     assert channel["address"].startswith("127.0.0.1:")
     assert not any(p.name.startswith("spear_nb-") for p in long_tmpdir.iterdir())
 

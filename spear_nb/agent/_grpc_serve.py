@@ -164,6 +164,8 @@ def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
     if env.get("SPEAR_GRPC_DISABLED"):
         raise AgentError("gRPC is disabled by SPEAR_GRPC_DISABLED")
     try:
+        # As on the host (see grpc_channel): the function may fork.
+        os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
         import grpc
         import grpc.aio
 

@@ -12,6 +12,7 @@ import hmac
 import logging
 import os
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -39,7 +40,7 @@ DEFAULT_STRATEGIES: dict[str, tuple[str, ...]] = {
 }
 DIAL_IN_TYPES = ("unix", "tcp")
 # sun_path holds 108 bytes on Linux, 104 on macOS, including the final NUL.
-MAX_UNIX_PATH = 103
+MAX_UNIX_PATH = 107 if sys.platform.startswith("linux") else 103
 
 
 @dataclass
@@ -51,6 +52,8 @@ class _Expectation:
     channel_type: str
     auth_failures: int = 0
     fallback_from: str = ""  # the type tried first, when this one is a fallback
+    # Types passed over for a standby dial-in, told if the instance dials in.
+    skipped: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -105,12 +108,19 @@ class CommunicationFactory:
         return self.strategies[runtime]
 
     async def listen_for(
-        self, instance_id: str, secret: str, bootstrap: bytes, types: tuple[str, ...]
+        self,
+        instance_id: str,
+        secret: str,
+        bootstrap: bytes,
+        types: tuple[str, ...],
+        standby: bool = False,
     ) -> dict[str, str]:
         """Prepare for an instance to dial in; return the environment it needs.
 
         Tries the channel types in order and falls back when a listener cannot be
         made (for example a socket path too long for the OS), logging why.
+        ``standby``: the dial-in is only the fallback of a channel the host
+        opens itself (gRPC); the types skipped here are told only if it is used.
         """
         reasons: list[str] = []
         for kind in types:
@@ -122,7 +132,7 @@ class CommunicationFactory:
             except (OSError, ChannelError) as exc:
                 reasons.append(f"{kind}: {exc}")
                 continue
-            if reasons:
+            if reasons and not standby:
                 self._fell_back(instance_id, kind, reasons)
             loop = asyncio.get_running_loop()
             self._expected[instance_id] = _Expectation(
@@ -131,7 +141,8 @@ class CommunicationFactory:
                 bootstrap,
                 loop.create_future(),
                 kind,
-                fallback_from=_tried_first(reasons),
+                fallback_from="" if standby else _tried_first(reasons),
+                skipped=reasons if standby else [],
             )
             return listener.env()
         raise ChannelError(
@@ -152,6 +163,9 @@ class CommunicationFactory:
 
     def fell_back(self, instance_id: str, channel: Channel, reasons: list[str]) -> None:
         """Record that an instance reached the host over a fallback channel."""
+        expected = self._expected.get(instance_id)
+        if expected is not None:
+            reasons = reasons + expected.skipped
         channel.fallback_from = _tried_first(reasons)
         self._fell_back(instance_id, channel.type.value, reasons)
 

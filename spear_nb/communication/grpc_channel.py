@@ -13,11 +13,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
+# spear_nb forks while gRPC's threads run (a command function's process, say);
+# gRPC's fork handlers, when on, then only print that they skip. No process of
+# spear_nb uses gRPC across a fork, so they stay off unless the user set them.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import grpc  # reads the setting above when first imported
 import grpc.aio
 
 from spear_nb.communication._grpc import spear_pb2, spear_pb2_grpc

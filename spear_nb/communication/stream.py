@@ -260,6 +260,10 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
 
     def _close_transport(self) -> None:
         if self._transport is not None:
+            if self._outgoing:
+                # Frames queued this turn (a CLOSE message, say) go out first;
+                # the transport sends what it holds before it closes.
+                self._flush()
             self._transport.close()
 
 

@@ -151,7 +151,7 @@ class ProcessRuntime(Runtime):
             )
         if spec.channel == "grpc":
             try:
-                import grpc  # noqa: F401
+                import spear_nb.communication.grpc_channel  # noqa: F401
             except ImportError:
                 raise InvalidSpec(
                     "channel='grpc' needs grpcio: pip install 'spear_nb[grpc]'"
@@ -180,6 +180,7 @@ class ProcessRuntime(Runtime):
             instance.secret,
             bootstrap,
             tuple(t for t in types if t != "grpc"),
+            standby=dial_out,
         )
         instance.channel_type = env["SPEAR_CHANNEL"]
         if dial_out:
