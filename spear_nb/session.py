@@ -459,6 +459,8 @@ class Session:
                 await runtime.refresh_instance(instance)
             return display.inspect(self._manager, name_or_id)
 
+        if self.state is SessionState.CLOSED:  # as the tables: how it ended
+            return display.inspect(self._manager, name_or_id)
         return self._run(look())
 
     # -- control -------------------------------------------------------------------

@@ -70,7 +70,6 @@ def test_a_closed_session_raises_session_closed() -> None:
     for use in (
         lambda: s.invoke("inc", 1),
         lambda: s.register("other", _remote.inc),
-        lambda: s.inspect("inc"),
         lambda: asyncio.run(s.ainvoke("inc", 1)),
     ):
         with pytest.raises(spear_nb.SessionClosed, match="closed"):
@@ -86,7 +85,8 @@ def test_the_tables_show_how_a_closed_session_ended() -> None:
     assert s.channels()["state"].tolist() == ["closed"]
     assert s.metrics()["function"].tolist() == ["inc"]
     assert "execute" in s.events()["phase"].tolist()
-    assert s.tasks()["function"].tolist() == ["inc"]
+    assert s.tasks()[["function", "status"]].values.tolist() == [["inc", "stopped"]]
+    assert s.inspect("inc-1")["status"] == "stopped"
 
 
 def test_async_context_manager() -> None:

@@ -762,4 +762,6 @@ class TaskExecutionManager:
             await asyncio.wait(
                 list(self._background), timeout=self.config.stop_grace * 3
             )
+        for task in self.tasks.values():
+            task.status = TaskStatus.STOPPED
         self.state = ManagerState.CLOSED
