@@ -14,7 +14,9 @@ Every instance owns one worker thread, and only that thread ever touches the
 instance's store, so a long guest never blocks the session's event loop. Calls
 reach the worker over a :class:`~spear_nb.communication.memory.MemoryChannel`.
 Deadlines use epoch interruption: one ticker thread per runtime advances the
-epoch of the runtime's engines while calls run.
+epoch of the runtime's engines while calls run, and at each tick every running
+store's epoch callback decides whether its guest goes on or stops (its deadline
+passed, or it was cancelled, or its instance or the session is stopping).
 """
 
 from __future__ import annotations
@@ -79,6 +81,19 @@ except ModuleNotFoundError as exc:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# wasmtime's epoch-deadline callback (its C API; wasmtime-py does not wrap it):
+# called on the guest's thread when the store's deadline comes; it either moves
+# the deadline on or returns an error, which stops the guest.
+_EpochCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(wasmtime._ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(wasmtime._ffi.wasmtime_update_deadline_kind_t),
+)
+_Finalizer = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_NO_FINALIZER = _Finalizer(lambda data: None)
 
 TICK = 0.01  # seconds between two epoch ticks: the precision of deadlines
 IDLE_TICKS = 100  # the ticker sleeps after this many ticks without a running call
@@ -646,7 +661,9 @@ class EpochTicker:
         with self._lock:
             if self._closed:
                 raise ExecutionCancelled("the session is closing; the call did not run")
-            store.set_epoch_deadline(ticks)
+            # The next tick calls the store's epoch callback, which looks at
+            # the deadline and at a stop request (see WasmHandle.on_epoch).
+            store.set_epoch_deadline(1)
             self._running += 1
             if ticks > self._longest:
                 self._longest = ticks
@@ -662,6 +679,11 @@ class EpochTicker:
     def leave(self) -> None:
         with self._lock:
             self._running -= 1
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`interrupt_all` has been called: guests must stop."""
+        return self._closed
 
     def _main(self) -> None:
         idle = 0
@@ -738,6 +760,12 @@ class WasmHandle:
         self.limit = 0.0  # the timeout of the running call, for messages
         self._gate = threading.Lock()  # orders starting a call against cancelling it
         self._running: Message | None = None
+        # When the guest running now must stop (time.monotonic()), and why it
+        # was stopped: "deadline", "cancel" or "stop"; read by on_epoch.
+        self.deadline = 0.0
+        self.stop_wanted = ""
+        self.stopped_by = ""
+        self._on_epoch = _EpochCallback(self.on_epoch)  # kept: C holds it
         self.broken = ""
         self.calls = 0
         self.memory_bytes = 0
@@ -779,8 +807,34 @@ class WasmHandle:
             timer.cancel()
 
     def stop(self) -> None:
-        """Ask the worker to close the store and end (after its current call)."""
+        """Ask the worker to close the store and end; a running guest is
+        stopped at the next tick."""
+        self.stop_wanted = "stop"
         self.inbox.put(None)
+
+    def _arm(self, store: wasmtime.Store, seconds: float) -> None:
+        """Before a guest runs: its deadline, checked at each tick by on_epoch."""
+        self.deadline = time.monotonic() + seconds
+        self.stopped_by = ""
+        self.ticker.enter(store, seconds)
+
+    def on_epoch(self, context: Any, data: Any, delta: Any, kind: Any) -> int:
+        """The epoch callback of this instance's stores (the guest's thread): go
+        on for another tick, or stop the guest for its deadline, a cancel, the
+        instance's stop or the session's close."""
+        why = self.stop_wanted
+        if not why:
+            if self.ticker.closed:
+                why = "stop"
+            elif time.monotonic() >= self.deadline:
+                why = "deadline"
+        if not why:
+            delta[0] = 1
+            kind[0] = 0  # WASMTIME_UPDATE_DEADLINE_CONTINUE
+            return 0
+        self.stopped_by = why
+        error = wasmtime._ffi.wasmtime_error_new(f"spear_nb: {why}".encode())
+        return ctypes.cast(error, ctypes.c_void_p).value or 0
 
     # -- worker side ------------------------------------------------------------------
 
@@ -808,6 +862,9 @@ class WasmHandle:
 
     def _new_store(self, for_call: bool) -> wasmtime.Store:
         store = wasmtime.Store(self.compiled.flavour.engine)
+        wasmtime._ffi.wasmtime_store_epoch_deadline_callback(
+            store.ptr(), self._on_epoch, None, _NO_FINALIZER
+        )
         if self.limits.memory_bytes is not None:
             store.set_limits(memory_size=self.limits.memory_bytes)
         if self.compiled.flavour.fuel:
@@ -829,7 +886,7 @@ class WasmHandle:
                 f"instance {self.instance_id} could not get a store: {_first_line(exc)}"
             ) from exc
         self.store = store
-        self.ticker.enter(store, seconds)
+        self._arm(store, seconds)
         try:
             instance = self.compiled.pre.instantiate(store)
             if "_initialize" in self.compiled.exports:
@@ -885,6 +942,8 @@ class WasmHandle:
             if headers.get("cancelled"):
                 return
             self._running = message
+            if self.stop_wanted == "cancel":  # meant for a call that has ended
+                self.stop_wanted = ""
         self.logs = []
         self.limit = headers.get("limit", 300.0)
         timeout = headers.get("deadline", time.monotonic() + self.limit)
@@ -921,9 +980,11 @@ class WasmHandle:
         channel.reply(Message(MessageType.EXECUTE_RESPONSE, rid, result, reply_headers))
 
     def cancel(self, message: Message) -> bool:
-        """Drop a call that has not started (from the loop); True if it runs."""
+        """Drop a call that has not started (from the loop); True if it runs,
+        and then its guest is stopped at the next tick."""
         with self._gate:
             if self._running is message:
+                self.stop_wanted = "cancel"
                 return True
             if message.headers is not None:
                 message.headers["cancelled"] = True
@@ -936,7 +997,7 @@ class WasmHandle:
             raise InstanceCrashed(
                 f"instance {self.instance_id} has no live WebAssembly instance"
             )
-        self.ticker.enter(store, timeout)
+        self._arm(store, timeout)
         try:
             if self.limits.fuel is not None:
                 store.set_fuel(self.limits.fuel)
@@ -996,7 +1057,7 @@ class WasmHandle:
         except wasmtime.WasmtimeError as exc:
             raise self._translate(exc, timeout) from exc
         try:
-            self.ticker.enter(store, timeout)
+            self._arm(store, timeout)
         except ExecutionCancelled:
             store.close()
             raise
@@ -1040,7 +1101,13 @@ class WasmHandle:
         reactor = self.compiled.convention is Convention.REACTOR
         after = "; the instance is replaced" if reactor else ""
         code = exc.trap_code if isinstance(exc, wasmtime.Trap) else None
-        if code is wasmtime.TrapCode.INTERRUPT:
+        stopped_by, self.stopped_by = self.stopped_by, ""
+        if stopped_by in ("cancel", "stop"):
+            return ExecutionCancelled(
+                f"the call on instance {self.instance_id} was cancelled; the guest "
+                f"was stopped{after}"
+            )
+        if stopped_by == "deadline" or code is wasmtime.TrapCode.INTERRUPT:
             return ExecutionTimeout(
                 f"the call on instance {self.instance_id} ran past its timeout of "
                 f"{self.limit:g} s; the guest was interrupted{after}"
@@ -1324,7 +1391,9 @@ class WasmRuntime(Runtime):
         try:
             reply = await future
         except asyncio.CancelledError:
-            self._abandon(instance, message, "a cancelled call is still running in it")
+            self._abandon(
+                instance, message, "a call was cancelled while it ran", always=False
+            )
             raise
         except ExecutionTimeout:
             self._abandon(instance, message, "a call did not end at its deadline")
@@ -1346,14 +1415,22 @@ class WasmRuntime(Runtime):
             self.context.on_instance_lost(instance, handle.broken)
         raise error
 
-    def _abandon(self, instance: TaskInstance, message: Message, reason: str) -> None:
-        """Nobody waits for the call any more: drop it, or replace its instance.
+    def _abandon(
+        self, instance: TaskInstance, message: Message, reason: str, always: bool = True
+    ) -> None:
+        """Nobody waits for the call any more: drop it, or stop its guest.
 
-        A guest cannot be stopped from outside its store before its deadline, so
-        an instance whose call already runs is taken out of service.
+        A running guest stops at the next epoch tick. A reactor stopped in the
+        middle of a call may have left its memory half-updated, so its instance
+        is replaced; a command's store ends with the call, so its instance
+        serves on (unless ``always``: the guest outran its deadline).
         """
         handle = instance.handle
-        if isinstance(handle, WasmHandle) and handle.cancel(message):
+        if (
+            isinstance(handle, WasmHandle)
+            and handle.cancel(message)
+            and (always or handle.compiled.convention is Convention.REACTOR)
+        ):
             handle.broken = reason
             self.context.on_instance_lost(instance, reason)
 

@@ -97,6 +97,12 @@ MEGABYTES = """(module
 """
 
 
+# A WASI command that spins for ever.
+SPIN_COMMAND = (
+    '(module (memory (export "memory") 1) (func (export "_start") (loop br 0)))'
+)
+
+
 def new_session(cache: str, **settings: object) -> spear_nb.Session:
     return spear_nb.Session(
         cache_dir=cache, stop_grace=0.5, execution_timeout=60, **settings
@@ -419,8 +425,30 @@ def test_cancelling_a_running_call_replaces_the_instance(s) -> None:
         handle.result(timeout=10)
     spin = rows(s.instances(), instance_id="spin-1").iloc[0]
     assert spin["status"] in ("failed", "stopped")
-    assert "cancelled call is still running" in spin["failure"]
+    assert "cancelled while it ran" in spin["failure"]
+    # The guest itself was stopped (at the next epoch tick), not left to spin
+    # until its 30 s deadline: its worker thread ends.
+    assert wait_until(
+        lambda: not any(t.name == "spear_nb-wasm-spin-1" for t in threading.enumerate())
+    )
     assert s.invoke("upper", b"fine") == b"FINE"
+
+
+def test_cancelling_a_running_wasi_command_keeps_its_instance(s) -> None:
+    # A command's store lives for one call: stopping its guest leaves nothing
+    # half-done, so the instance serves the next call.
+    s.register("spin_cmd", wasm=SPIN_COMMAND, timeout=30)
+    handle = s.submit("spin_cmd", b"")
+    assert wait_until(lambda: handle.status == "running")
+    assert handle.cancel()
+    with pytest.raises(spear_nb.ExecutionCancelled):
+        handle.result(timeout=10)
+    # The guest stopped (its call ended long before the 30 s deadline), and the
+    # instance serves on.
+    assert wait_until(lambda: s.inspect("spin_cmd-1")["calls"] == 1, timeout=10)
+    assert s.instances()[["instance_id", "status"]].values.tolist() == [
+        ["spin_cmd-1", "ready"]
+    ]
 
 
 def test_cancelling_a_queued_call_drops_it(s) -> None:
