@@ -57,6 +57,24 @@ def test_a_mistyped_or_misplaced_register_keyword_is_named(
     assert "max_concurrency" in str(info.value)  # the keywords it does take
 
 
+@pytest.mark.parametrize(
+    ("keywords", "conflict"),
+    [
+        ({"wasm": "(module)"}, "wasm="),
+        ({"runtime": "process"}, "runtime='process'"),
+    ],
+)
+def test_an_image_with_another_runtime_is_named_as_a_conflict(
+    session, keywords, conflict
+) -> None:
+    fn = None if "wasm" in keywords else _remote.inc
+    with pytest.raises(spear_nb.InvalidSpec) as info:
+        session.register("f", fn, image="example:1", **keywords)
+    text = str(info.value)
+    assert f"image= names the container of a Kubernetes pod, and {conflict}" in text
+    assert "unknown keyword" not in text
+
+
 def test_empty_command(session) -> None:
     with pytest.raises(spear_nb.InvalidSpec, match="command") as info:
         session.register("empty", command=[])

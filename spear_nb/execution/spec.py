@@ -159,6 +159,13 @@ def build_spec(
             "commands 'stdio')"
         )
     runtime_type = _runtime(runtime, wasm is not None, image is not None)
+    if image is not None and runtime_type is not RuntimeType.KUBERNETES:
+        given_with = "wasm=" if wasm is not None else f"runtime={runtime!r}"
+        raise InvalidSpec(
+            f"image= names the container of a Kubernetes pod, and {given_with} "
+            "runs elsewhere; drop one of them (a pod runs a callable or a "
+            "handler= in that image, or the image's own command)"
+        )
     all_options = dict(options or {})
     if image is not None and chosen:
         all_options["image"] = image  # the container a callable or handler runs in
