@@ -626,6 +626,8 @@ class Session:
         one clock when the calls overlapped (``align="time"``), else each starts
         at zero (``"start"``).
         """
+        if self.state is SessionState.CLOSED:  # as the tables: how it ended
+            return self._timeline_of(executions, last, align)
         return self._run(self._timeline(executions, last, align))
 
     async def atimeline(
@@ -635,6 +637,9 @@ class Session:
         return await self._arun(self._timeline(executions, last, align))
 
     async def _timeline(self, executions: Any, last: int, align: str) -> Timeline:
+        return self._timeline_of(executions, last, align)
+
+    def _timeline_of(self, executions: Any, last: int, align: str) -> Timeline:
         from spear_nb.notebook.timeline import timeline_of
 
         log = list(self._manager.executions)

@@ -87,6 +87,7 @@ def test_the_tables_show_how_a_closed_session_ended() -> None:
     assert "execute" in s.events()["phase"].tolist()
     assert s.tasks()[["function", "status"]].values.tolist() == [["inc", "stopped"]]
     assert s.inspect("inc-1")["status"] == "stopped"
+    assert "<svg" in s.timeline()._repr_html_()
 
 
 def test_async_context_manager() -> None:

@@ -257,6 +257,11 @@ def _wasm_bytes(wasm: str | bytes | os.PathLike[str]) -> bytes:
         return bytes(wasm)
     if isinstance(wasm, str) and wasm.lstrip().startswith(("(", ";;")):
         return wasm.encode()  # WAT given inline
+    if not isinstance(wasm, (str, os.PathLike)):
+        raise InvalidSpec(
+            f"wasm must be a path to a .wasm or .wat file, WAT text or the module's "
+            f"bytes, got {wasm!r}"
+        )
     text = _path("wasm", wasm)
     try:
         with open(text, "rb") as f:

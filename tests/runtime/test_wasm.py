@@ -267,6 +267,9 @@ def test_bad_options_and_channel(s) -> None:
         s.register("nofuel", wasm=UPPER, fuel=-5)
     with pytest.raises(spear_nb.InvalidSpec, match="memory"):
         s.register("tcp", wasm=UPPER, channel="tcp")
+    # What wasm= takes, all of it, when it gets something else.
+    with pytest.raises(spear_nb.InvalidSpec, match="WAT text or the module's bytes"):
+        s.register("number", wasm=123)
 
 
 def test_missing_wasmtime_says_what_to_install(cache, monkeypatch) -> None:
