@@ -511,7 +511,7 @@ class Session:
         raised here. With ``return_exceptions=True`` every call runs and a failed
         call's error takes its place in the returned list.
         """
-        items = list(inputs)
+        items = _inputs(inputs)
         bar = self._map_progress(function, len(items), progress)
         try:
             return self._run(
@@ -532,7 +532,7 @@ class Session:
         return_exceptions: bool = False,
     ) -> list[Any]:
         """Coroutine twin of :meth:`map`."""
-        items = list(inputs)
+        items = _inputs(inputs)
         bar = self._map_progress(function, len(items), progress)
         try:
             return await self._arun(
@@ -891,3 +891,17 @@ def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
     raise InvalidSpec(
         f"{name!r} takes bytes (or str, sent as UTF-8), not {type(payload).__name__}"
     )
+
+
+def _inputs(inputs: Iterable[Any]) -> list[Any]:
+    """The inputs of a map as a list; what is not iterable is refused clearly."""
+    try:
+        return list(inputs)
+    except TypeError:
+        if hasattr(inputs, "__iter__"):
+            raise  # an iterator that failed while producing its items
+        raise InvalidSpec(
+            f"map() takes an iterable of inputs, one per call, got "
+            f"{type(inputs).__name__} {inputs!r}; for one call use invoke(), or "
+            "wrap it: map(f, [x])"
+        ) from None

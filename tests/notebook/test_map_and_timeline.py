@@ -22,6 +22,15 @@ def test_map_returns_results_in_input_order(session) -> None:
     assert instances["requests_total"].sum() == 12
 
 
+def test_map_of_a_single_value_says_it_takes_an_iterable(session) -> None:
+    session.register("square", _functions.square)
+    with pytest.raises(spear_nb.InvalidSpec, match="takes an iterable of inputs"):
+        session.map("square", 5, progress=False)
+    with pytest.raises(spear_nb.InvalidSpec, match="map\\(f, \\[x\\]\\)"):
+        asyncio.run(session.amap("square", 5, progress=False))
+    assert session.map("square", [5], progress=False) == [25]
+
+
 def test_map_respects_max_in_flight(session) -> None:
     session.register("square", _functions.square, max_instances=4)
     assert session.map("square", [1, 2, 3, 4, 5], max_in_flight=1) == [1, 4, 9, 16, 25]
