@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 import wasmtime
 
@@ -417,12 +418,24 @@ def test_long_guest_does_not_freeze_the_session_and_close_interrupts_it(
         handle.result(timeout=10)
 
 
+def _guest_spins(instance_id: str) -> bool:
+    """Whether the worker thread of ``instance_id`` has been running a guest (it
+    used CPU time for it): the call has started, it is not waiting in the inbox."""
+    name = f"spear_nb-wasm-{instance_id}"
+    ident = next((t.native_id for t in threading.enumerate() if t.name == name), None)
+    for thread in psutil.Process().threads():
+        if thread.id == ident:
+            return thread.user_time + thread.system_time > 0.05
+    return False
+
+
 def test_cancelling_a_running_call_replaces_the_instance(s) -> None:
     s.register("spin", wasm=SPIN, timeout=30)
     s.register("upper", wasm=UPPER)
     handle = s.submit("spin", b"")
-    for i in range(20):  # meanwhile the guest has long started spinning
+    for i in range(20):  # other instances serve meanwhile
         assert s.invoke("upper", f"{i}") == f"{i}".encode()
+    assert wait_until(lambda: _guest_spins("spin-1"))
     assert handle.cancel()
     with pytest.raises(spear_nb.ExecutionCancelled):
         handle.result(timeout=10)
@@ -442,7 +455,7 @@ def test_cancelling_a_running_wasi_command_keeps_its_instance(s) -> None:
     # half-done, so the instance serves the next call.
     s.register("spin_cmd", wasm=SPIN_COMMAND, timeout=30)
     handle = s.submit("spin_cmd", b"")
-    assert wait_until(lambda: handle.status == "running")
+    assert wait_until(lambda: _guest_spins("spin_cmd-1"))
     assert handle.cancel()
     with pytest.raises(spear_nb.ExecutionCancelled):
         handle.result(timeout=10)
