@@ -416,14 +416,19 @@ class Session:
     def _table(
         self, build: Callable[[TaskExecutionManager], pd.DataFrame]
     ) -> pd.DataFrame:
-        async def snapshot() -> pd.DataFrame:
-            return build(self._manager)
+        return self._read(lambda: build(self._manager))
 
+    def _read(self, read: Callable[[], T]) -> T:
+        """Run ``read`` on the session's loop; once the session is closed, here:
+        the loop has stopped and nothing changes any more, so what it reads is
+        how the session ended."""
         if self.state is SessionState.CLOSED:
-            # The loop has stopped and nothing changes any more: the tables
-            # show how the session ended.
-            return build(self._manager)
-        return self._run(snapshot())
+            return read()
+
+        async def on_loop() -> T:
+            return read()
+
+        return self._run(on_loop())
 
     def instances(self) -> pd.DataFrame:
         """One row per instance, live or stopped (``frames.INSTANCE_COLUMNS``)."""
@@ -626,18 +631,17 @@ class Session:
         one clock when the calls overlapped (``align="time"``), else each starts
         at zero (``"start"``).
         """
-        if self.state is SessionState.CLOSED:  # as the tables: how it ended
-            return self._timeline_of(executions, last, align)
-        return self._run(self._timeline(executions, last, align))
+        return self._read(lambda: self._timeline_of(executions, last, align))
 
     async def atimeline(
         self, executions: Any = None, /, *, last: int = 10, align: str = "auto"
     ) -> Timeline:
         """Coroutine twin of :meth:`timeline`."""
-        return await self._arun(self._timeline(executions, last, align))
 
-    async def _timeline(self, executions: Any, last: int, align: str) -> Timeline:
-        return self._timeline_of(executions, last, align)
+        async def on_loop() -> Timeline:
+            return self._timeline_of(executions, last, align)
+
+        return await self._arun(on_loop())
 
     def _timeline_of(self, executions: Any, last: int, align: str) -> Timeline:
         from spear_nb.notebook.timeline import timeline_of

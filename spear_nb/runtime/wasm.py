@@ -30,7 +30,6 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
-import math
 import os
 import platform
 import queue
@@ -643,7 +642,6 @@ class EpochTicker:
         self._stopping = threading.Event()
         self._running = 0
         self._sleeping = True
-        self._longest = 0
         self._closed = False
         self._thread: threading.Thread | None = None
 
@@ -651,22 +649,19 @@ class EpochTicker:
         with self._lock:
             self.engines.append(engine)
 
-    def enter(self, store: wasmtime.Store, seconds: float) -> None:
-        """A guest is about to run in ``store``: give it a deadline ``seconds`` away.
+    def enter(self, store: wasmtime.Store) -> None:
+        """A guest is about to run in ``store``: the next tick calls its epoch
+        callback, which looks at its deadline and at a stop request (see
+        :meth:`WasmHandle.on_epoch`), and so does every tick after.
 
-        Under the lock, so that :meth:`interrupt_all` reaches every deadline set
+        Under the lock, so that :meth:`interrupt_all` reaches every store armed
         before it, and no guest starts after it.
         """
-        ticks = math.ceil(seconds / TICK) + 1
         with self._lock:
             if self._closed:
                 raise ExecutionCancelled("the session is closing; the call did not run")
-            # The next tick calls the store's epoch callback, which looks at
-            # the deadline and at a stop request (see WasmHandle.on_epoch).
             store.set_epoch_deadline(1)
             self._running += 1
-            if ticks > self._longest:
-                self._longest = ticks
             if self._sleeping:
                 self._sleeping = False
                 if self._thread is None:
@@ -705,15 +700,15 @@ class EpochTicker:
             self.ticks += 1
 
     def interrupt_all(self) -> None:
-        """Move every engine past every deadline set so far, and refuse new guests.
+        """Refuse new guests, and tick every engine once: every running store's
+        callback then sees :attr:`closed` and stops its guest.
 
-        Called at close: it ends every running guest within a tick.
+        Called at close.
         """
         with self._lock:
             self._closed = True
             for engine in self.engines:
-                for _ in range(self._longest + 1):
-                    engine.increment_epoch()
+                engine.increment_epoch()
 
     def close(self) -> None:
         self._stopping.set()
@@ -816,7 +811,7 @@ class WasmHandle:
         """Before a guest runs: its deadline, checked at each tick by on_epoch."""
         self.deadline = time.monotonic() + seconds
         self.stopped_by = ""
-        self.ticker.enter(store, seconds)
+        self.ticker.enter(store)
 
     def on_epoch(self, context: Any, data: Any, delta: Any, kind: Any) -> int:
         """The epoch callback of this instance's stores (the guest's thread): go
