@@ -32,7 +32,7 @@ from spear_nb.communication.protocol import (
     Message,
     MessageType,
 )
-from spear_nb.communication.wire import BusyPoll, Wire
+from spear_nb.communication.wire import BusyPoll, Spread, Wire
 from spear_nb.errors import PayloadTooLarge, ProtocolError
 
 _AGENT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -191,6 +191,7 @@ class Server:
         self.lane: Wire | None = None
         self.busy_poll = 0.0  # seconds to poll for the next call before sleeping
         self._poller: BusyPoll | None = None
+        self.spread = Spread()  # keeps the main thread off its polling caller's CPU
         if concurrency > 1 or threaded:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -247,8 +248,7 @@ class Server:
                 poller.register(self.wire.sock, select.POLLIN)
                 poller.register(lane.sock, select.POLLIN)
                 spin = self._poller = BusyPoll(poller, self.busy_poll)
-            spin.wait()
-            ready = spin.poller.poll()
+            ready = spin.wait() or spin.poller.poll()
             if not any(fd == lane.sock.fileno() for fd, _ in ready):
                 return False
         try:
@@ -262,7 +262,16 @@ class Server:
             lane.sock.close()
             return True
         self.execute(message, lane)
+        self.keep_apart(message)
         return True
+
+    def keep_apart(self, request: Message) -> None:
+        """After a call on the main thread: if the host polls on this CPU (it says
+        so now and then) and so does this agent (it polls while it has a lane),
+        move to another CPU."""
+        cpu = request.header("cpu")
+        if cpu is not None and self.busy_poll and self.lane is not None:
+            self.spread.check(cpu)
 
     def dispatch(self, message: Message) -> bool:
         """Act on one message from the host; return True when told to stop."""
@@ -272,6 +281,7 @@ class Server:
                 self.pool.submit(self.execute, message)
             else:
                 self.execute(message)
+                self.keep_apart(message)
         elif kind is MessageType.HEARTBEAT:
             if not message.header("reply"):
                 self.wire.write(Message(MessageType.HEARTBEAT, message.request_id))

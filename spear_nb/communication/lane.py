@@ -20,12 +20,13 @@ import itertools
 import os
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
 
 from spear_nb.communication.protocol import Message, MessageType
-from spear_nb.communication.wire import BusyPoll, Wire
+from spear_nb.communication.wire import CPU_SAMPLE, BusyPoll, Wire, current_cpu
 from spear_nb.errors import ProtocolError
 
 # How long a caller blocks in one read before it looks at the instance again
@@ -46,6 +47,18 @@ def busy_poll_seconds(microseconds: float) -> float:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return microseconds * 1e-6 if cpus > 1 else 0.0
+
+
+def _kernel_read_timeout(sock: socket.socket) -> bool:
+    """Make the kernel end a blocking read of ``sock`` after :data:`SLICE`
+    (``SO_RCVTIMEO``); False where it cannot."""
+    seconds = int(SLICE)
+    timeval = struct.pack("ll", seconds, int((SLICE - seconds) * 1e6))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 class LaneLost(Exception):
@@ -76,7 +89,11 @@ class DirectLane:
         self.sent = 0  # bytes of the last request; the reply's: wire.last_size
         self._lock = threading.Lock()
         self._ids = itertools.count(FIRST_REQUEST_ID)
-        sock.settimeout(SLICE)
+        # Reads end after a slice either way. Where the kernel can time them
+        # out, the socket blocks and each read is one system call; with
+        # Python's own timeout every read and write polls first.
+        self._slice: float | None = None if _kernel_read_timeout(sock) else SLICE
+        sock.settimeout(self._slice)
 
     def acquire(self) -> bool:
         """Take the lane for one call if it is free and works; never blocks."""
@@ -109,6 +126,8 @@ class DirectLane:
         :class:`LaneTimeout` at ``deadline`` (a ``time.perf_counter`` value).
         """
         message.request_id = next(self._ids)
+        if self.busy_poll.seconds and not self.calls % CPU_SAMPLE:
+            message.headers = {**(message.headers or {}), "cpu": current_cpu()}
         data = self.wire.encode(message)  # PayloadTooLarge here: nothing was sent
         sock = self.wire.sock
         try:
@@ -116,7 +135,7 @@ class DirectLane:
                 sock.settimeout(max(0.001, deadline - time.perf_counter()))
             sock.sendall(data)
             if len(data) > _SMALL:
-                sock.settimeout(SLICE)
+                sock.settimeout(self._slice)
         except KeyboardInterrupt:
             if len(data) > _SMALL:  # a frame may be half written: out of step
                 self.close("a call was interrupted while it was being sent")
@@ -142,7 +161,7 @@ class DirectLane:
         while True:
             try:
                 reply = self.wire.read()
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # a slice passed
                 reason = self.broken or check()
                 if reason:
                     raise LaneLost(reason) from None

@@ -28,7 +28,7 @@ from spear_nb.communication.protocol import (
     frame,
     unpack,
 )
-from spear_nb.communication.wire import BusyPoll
+from spear_nb.communication.wire import CPU_SAMPLE, BusyPoll, current_cpu
 from spear_nb.errors import ChannelError, ProtocolError
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         self.detach: Callable[[socket.socket], None] | None = None
         self.quiet = False  # a refusal that is expected, logged at debug only
         self._spin: BusyPoll | None = None
+        self._polls = 0
+        self._tell_cpu = False  # the next request says which CPU the loop is on
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
 
@@ -211,6 +213,9 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
     # -- Channel -------------------------------------------------------------------
 
     def _write(self, message: Message) -> int:
+        if self._tell_cpu and message.type is MessageType.EXECUTE_REQUEST:
+            self._tell_cpu = False
+            message.headers = {**(message.headers or {}), "cpu": current_cpu()}
         data = frame(message, self.max_frame)
         transport = self._transport
         if transport is None or transport.is_closing():
@@ -246,6 +251,9 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
             spin = self._spin = BusyPoll(poller, seconds)
+        self._polls += 1
+        if not self._polls % CPU_SAMPLE:  # so that the instance polls elsewhere
+            self._tell_cpu = True
         spin.wait()
 
     def _flush(self) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import select
 import socket
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 from spear_nb.communication.protocol import (
     LENGTH,
@@ -98,8 +100,9 @@ class Wire:
                 self.sock.sendall(b"".join(held))
 
 
-def poll_briefly(poller: select.poll, seconds: float) -> bool:
-    """Look for input for up to ``seconds`` without sleeping; True if it came.
+def poll_briefly(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+    """Look for input for up to ``seconds`` without sleeping; return what the
+    poll found ready, or an empty list if nothing came in time.
 
     A process woken from sleep on this kind of machine (a virtual CPU that was
     halted) answers tens of microseconds later than one that is still running;
@@ -107,11 +110,11 @@ def poll_briefly(poller: select.poll, seconds: float) -> bool:
     yielded between looks, so a peer on the same CPU may still get to run.
     """
     until = time.perf_counter() + seconds
-    while not poller.poll(0):
+    while not (ready := poller.poll(0)):
         if time.perf_counter() >= until:
-            return False
+            return ready
         os.sched_yield()
-    return True
+    return ready
 
 
 # At most this many waits in a row go without polling after polls that failed.
@@ -137,17 +140,101 @@ class BusyPoll:
         self.hits = 0
         self.misses = 0
 
-    def wait(self) -> None:
-        """Poll for up to ``seconds`` unless polling has not been paying."""
+    def wait(self) -> list[tuple[int, int]]:
+        """Poll for up to ``seconds`` unless polling has not been paying; return
+        what the poll found ready (empty if it did not poll or found nothing)."""
         if not self.seconds:
-            return
+            return []
         if self.skip:
             self.skip -= 1
-            return
-        if poll_briefly(self.poller, self.seconds):
+            return []
+        ready = poll_briefly(self.poller, self.seconds)
+        if ready:
             self.hits += 1
             self._backoff = 0
         else:
             self.misses += 1
             self._backoff = min(max(1, 2 * self._backoff), MAX_SKIP)
             self.skip = self._backoff
+        return ready
+
+
+def _find_getcpu() -> Callable[[], int]:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+            getcpu.argtypes = []
+            getcpu.restype = ctypes.c_int
+            getcpu()
+            return getcpu
+        except (OSError, AttributeError):
+            pass
+    return lambda: -1
+
+
+_getcpu: Callable[[], int] | None = None
+# While both ends of a connection poll, the host tells the instance which CPU
+# it runs on every this many calls, in a "cpu" header (see Spread).
+CPU_SAMPLE = 8
+
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on now (about 0.1 µs), or -1 where the
+    system does not tell."""
+    global _getcpu
+    if _getcpu is None:
+        _getcpu = _find_getcpu()
+    return _getcpu()
+
+
+class Spread:
+    """Keeps a polling thread off the CPU its polling peer runs on.
+
+    Linux wakes the reader of a Unix or TCP socket on the writer's CPU, so two
+    processes that take turns on one connection end up sharing a CPU, and stay
+    there while both poll (nothing sleeps, so nothing is placed again). Polling
+    ends then only take the CPU from each other: a round trip takes two to four
+    times as long as with one end on each CPU. So when the peer says which CPU
+    it runs on and it is this thread's, the thread moves itself to another CPU
+    it may use: it narrows its own affinity to exclude this one, which moves it
+    at once, and puts the affinity back as it was. Threads it starts later get
+    the affinity they would have had anyway. A move the scheduler undoes before
+    the next look makes the next looks further apart, twice as far each time
+    (up to :data:`MAX_SKIP`).
+    """
+
+    def __init__(self) -> None:
+        self.moves = 0
+        self.skip = 0  # looks left to ignore
+        self._backoff = 0
+        self.disabled = False
+
+    def check(self, peer_cpu: int) -> bool:
+        """Move off ``peer_cpu`` if this thread runs there; True if it moved."""
+        if self.disabled:
+            return False
+        if self.skip:
+            self.skip -= 1
+            return False
+        here = current_cpu()
+        if here < 0 or here != peer_cpu:
+            self._backoff = 0
+            return False
+        try:
+            allowed = os.sched_getaffinity(0)
+            if len(allowed) < 2 or here not in allowed:
+                return False
+            os.sched_setaffinity(0, allowed - {here})
+        except (OSError, AttributeError):  # not allowed here, or not Linux
+            self.disabled = True
+            return False
+        try:
+            os.sched_setaffinity(0, allowed)
+        except OSError:  # cannot be put back: never narrow it again
+            self.disabled = True
+        self.moves += 1
+        self.skip = self._backoff
+        self._backoff = min(max(1, 2 * self._backoff), MAX_SKIP)
+        return True

@@ -3,6 +3,7 @@ themselves, and every fault on that path ends as it does on the channel."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
@@ -336,3 +337,113 @@ def test_a_lone_call_on_the_loop_polls_for_its_reply_but_not_beside_others(
     assert spin("other") is None  # it never polled
     ready.release()
     assert blocked.result(timeout=30) == "done"
+
+
+_TWO_CPUS = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="keeping two polling ends on two CPUs needs two CPUs",
+)
+
+
+def _last_cpu(tid: int) -> int:
+    """The CPU a thread last ran on, as Linux reports it."""
+    with open(f"/proc/{tid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[36])
+
+
+def _place(tid: int, cpu: int) -> None:
+    """Move a thread onto ``cpu`` and give it back every CPU it had."""
+    allowed = os.sched_getaffinity(tid)
+    os.sched_setaffinity(tid, {cpu})
+    os.sched_setaffinity(tid, allowed)
+
+
+@_TWO_CPUS
+def test_a_polling_thread_moves_off_its_peers_cpu_and_keeps_its_affinity() -> None:
+    """Spread moves the calling thread off the CPU its peer polls on, at once,
+    leaves its affinity as it was, and looks less often while moves do not
+    last."""
+    from spear_nb.communication.wire import MAX_SKIP, Spread, current_cpu
+
+    seen: dict[str, Any] = {}
+
+    def look() -> None:
+        allowed = os.sched_getaffinity(0)
+        spread = Spread()
+        here = current_cpu()
+        seen["elsewhere"] = spread.check(here + 1 if here + 1 in allowed else here - 1)
+        seen["still"] = current_cpu() == here
+        seen["moved"] = spread.check(current_cpu())
+        seen["away"] = current_cpu() != here
+        seen["allowed"] = os.sched_getaffinity(0) == allowed
+        skips = [spread.skip]
+        for _ in range(8):  # the peer follows it each time: look less often
+            while spread.skip:
+                assert not spread.check(current_cpu())  # skipped: no look
+            assert spread.check(current_cpu())
+            skips.append(spread.skip)
+        seen["skips"] = skips
+        while spread.skip:
+            spread.check(current_cpu())
+        assert not spread.check(-5)  # apart: the next move is looked for at once
+        assert spread.check(current_cpu()) and spread.skip == 0
+        seen["moves"] = spread.moves
+
+    thread, errors = call_in_thread(look)
+    thread.join(30)
+    assert not errors
+    assert seen["elsewhere"] is False and seen["still"]
+    assert seen["moved"] and seen["away"] and seen["allowed"]
+    assert seen["skips"] == [0, 1, 2, 4, 8, 16, 32, 64, 64] and MAX_SKIP == 64
+    assert seen["moves"] == 10
+
+
+@_TWO_CPUS
+@pytest.mark.parametrize("path", ["lane", "loop"])
+def test_an_instance_that_polls_on_its_callers_cpu_moves_off_it(path) -> None:
+    """Two polling ends on one CPU only take it from each other: the instance
+    hears which CPU its caller polls on and moves to another one, with its
+    affinity left as it was. ``lane``: blocking calls from a thread; ``loop``:
+    lone calls awaited on the session's loop."""
+    from spear_nb.communication.wire import CPU_SAMPLE
+
+    with spear_nb.Session(busy_poll_us=200) as s:
+        s.register("inc", _remote.inc_and_moves)
+        assert s.invoke("inc", 0) == (1, 0)
+        (pid,) = s.instances()["pid"].tolist()
+        allowed = os.sched_getaffinity(pid)
+        cpu = min(allowed)
+        moves = [0]
+
+        def calls() -> None:
+            for _ in range(50):
+                _place(pid, cpu)  # beside its caller
+                for i in range(2 * CPU_SAMPLE):
+                    if path == "lane":
+                        value, moves[0] = s.invoke("inc", i)
+                    else:
+                        value, moves[0] = s.submit("inc", i).result(timeout=30)
+                    assert value == i + 1
+                if moves[0]:
+                    return
+
+        if path == "lane":
+
+            def pinned() -> None:
+                os.sched_setaffinity(0, {cpu})  # this thread only: it ends here
+                calls()
+
+            thread, errors = call_in_thread(pinned)
+            thread.join(60)
+            assert not errors
+        else:
+            loop_thread = s._loop._thread.native_id
+            loop_allowed = os.sched_getaffinity(loop_thread)
+            os.sched_setaffinity(loop_thread, {cpu})
+            try:
+                calls()
+            finally:
+                os.sched_setaffinity(loop_thread, loop_allowed)
+        assert moves[0] >= 1
+        assert os.sched_getaffinity(pid) == allowed
+        assert s.executions()["direct"].iloc[-1] == (path == "lane")
