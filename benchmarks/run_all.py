@@ -550,13 +550,14 @@ def document(results: dict[str, Any], figures: dict[str, str]) -> str:
             else "."
         ),
         "",
-        "The ratios to the raw blocking echo move from run to run with where the "
-        "kernel puts the two processes. The echo is fastest when both ends share "
-        "one CPU (nothing has to wake a halted CPU), about 11-15 µs here. A direct "
-        "call is fastest with its two ends on two CPUs, both polling (25-45 µs on "
-        "this machine), and takes 50-90 µs when the kernel puts them on one CPU, "
-        "which it does from time to time; a run gets one or the other, so the "
-        "ratio lands between about 2x and 7x.",
+        "The ratios to the raw blocking echo depend on where the kernel puts the "
+        "two processes. The echo is fastest when both ends share one CPU (nothing "
+        "has to wake a halted CPU), about 10-15 µs here. A direct call is fastest "
+        "with its two ends on two CPUs, both polling (23-35 µs on this machine). "
+        "The kernel wakes a socket's reader on the writer's CPU, which puts the "
+        "two together from time to time, where a call took 50-120 µs; so the "
+        "instance moves itself off the CPU its polling caller says it runs on "
+        "(every 8th call says).",
         "",
         "## Warm invoke",
         "",

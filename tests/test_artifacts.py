@@ -8,7 +8,7 @@ import pytest
 
 import spear_nb
 from tests import _remote
-from tests._support import rows
+from tests._support import rows, warm_grpc
 
 
 def test_callable(session) -> None:
@@ -60,11 +60,25 @@ def test_handler_found_through_pythonpath(tmp_path, start_method) -> None:
         assert s.invoke("neg", 3) == -3
 
 
-def test_handler_that_cannot_be_imported(session, tmp_path) -> None:
-    session.register("missing", handler="no_such_module_xyz:fn", cwd=tmp_path)
+@pytest.fixture(scope="module")
+def grpc_state() -> None:
+    warm_grpc()  # gRPC's process-wide pollers are no test's leak
+
+
+@pytest.mark.parametrize("channel", ["unix", "grpc"])
+def test_handler_that_cannot_be_imported(
+    session, tmp_path, channel, grpc_state
+) -> None:
+    session.register(
+        "missing", handler="no_such_module_xyz:fn", cwd=tmp_path, channel=channel
+    )
     with pytest.raises(spear_nb.InstanceStartFailed) as info:
         session.invoke("missing", 1)
-    assert "no_such_module_xyz" in str(info.value)
+    message = str(info.value)
+    assert "no_such_module_xyz" in message
+    # The agent said why on its stderr, and did not exit as if all was well.
+    assert "cannot load the function" in message
+    assert "exited with code 0" not in message
     assert session.invoke(_remote.inc, 1) == 2
 
 

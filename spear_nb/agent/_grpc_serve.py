@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spear_nb.agent._serve import (
+    EXIT_LOAD,
     EXIT_NO_HOST,
     EXIT_OK,
     AgentError,
@@ -270,6 +271,11 @@ async def _serve(
                 failure = error_reply(0, exc)
                 failure.type = MessageType.ERROR
                 await context.write(spear_pb2.Frame(body=pack(failure)))
+                print(
+                    f"spear_nb agent: cannot load the function: {exc!r}",
+                    file=sys.stderr,
+                )
+                exit_code[0] = EXIT_LOAD
                 finished.set()
                 return
             wire = LoopWire(loop, max_frame)
