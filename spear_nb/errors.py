@@ -6,7 +6,8 @@ original kept as ``__cause__``::
 
     SpearError
     ├── ConfigurationError          a setting or argument is invalid
-    │   └── InvalidSpec             a function's spec cannot be registered
+    │   ├── InvalidSpec             a function's spec cannot be registered
+    │   └── InvalidArguments        a call's arguments cannot be sent as given
     ├── FunctionNotFound            no function, task, instance or execution of that id
     ├── SessionClosed               the session was closed
     ├── ResourceExhausted           every instance is busy and the queue is full
@@ -41,6 +42,7 @@ __all__ = [
     "InstanceCrashed",
     "InstanceError",
     "InstanceStartFailed",
+    "InvalidArguments",
     "InvalidSpec",
     "PayloadTooLarge",
     "ProtocolError",
@@ -76,6 +78,11 @@ class ConfigurationError(SpearError, ValueError):
 
 class InvalidSpec(ConfigurationError):
     """A function cannot be registered as given."""
+
+
+class InvalidArguments(ConfigurationError):
+    """A call cannot be made with these arguments: the wrong number or type for
+    the function, or values that cannot be pickled to send to its instance."""
 
 
 class FunctionNotFound(SpearError, KeyError):

@@ -32,7 +32,7 @@ from spear_nb.config import SessionConfig
 from spear_nb.errors import (
     ConfigurationError,
     FunctionNotFound,
-    InvalidSpec,
+    InvalidArguments,
     SessionClosed,
 )
 from spear_nb.execution.events import EventLog
@@ -324,7 +324,7 @@ class Session:
         )
         if task.artifact.spec.kind in (ArtifactKind.COMMAND, ArtifactKind.WASM):
             if mode is ExecutionMode.STREAM:
-                raise InvalidSpec(
+                raise InvalidArguments(
                     f"{name!r} is a byte function; only Python functions stream"
                 )
             request.payload = _byte_payload(name, args, kwargs)
@@ -398,7 +398,7 @@ class Session:
         if isinstance(function, str):
             return function
         if not callable(function):
-            raise InvalidSpec(
+            raise InvalidArguments(
                 f"invoke takes a registered name or a callable, not "
                 f"{type(function).__name__}"
             )
@@ -883,7 +883,7 @@ def _kubernetes_runtime(context: RuntimeContext) -> Runtime:
 
 def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     if kwargs or len(args) != 1:
-        raise InvalidSpec(
+        raise InvalidArguments(
             f"{name!r} takes one bytes payload (for example invoke({name!r}, b'...')),"
             f" got {len(args)} positional and {len(kwargs)} keyword arguments"
         )
@@ -892,7 +892,7 @@ def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
         return payload.encode()
     if isinstance(payload, (bytes, bytearray, memoryview)):
         return bytes(payload)
-    raise InvalidSpec(
+    raise InvalidArguments(
         f"{name!r} takes bytes (or str, sent as UTF-8), not {type(payload).__name__}"
     )
 
@@ -904,7 +904,7 @@ def _inputs(inputs: Iterable[Any]) -> list[Any]:
     except TypeError:
         if hasattr(inputs, "__iter__"):
             raise  # an iterator that failed while producing its items
-        raise InvalidSpec(
+        raise InvalidArguments(
             f"map() takes an iterable of inputs, one per call, got "
             f"{type(inputs).__name__} {inputs!r}; for one call use invoke(), or "
             "wrap it: map(f, [x])"

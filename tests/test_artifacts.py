@@ -147,8 +147,10 @@ def test_command_env_and_cwd(session, tmp_path) -> None:
 
 def test_command_takes_exactly_one_bytes_payload(session) -> None:
     session.register("wc", command=["wc", "-w"])
-    with pytest.raises(spear_nb.InvalidSpec, match="one bytes payload"):
+    with pytest.raises(spear_nb.InvalidArguments, match="one bytes payload"):
         session.invoke("wc", b"a", b"b")
-    with pytest.raises(spear_nb.InvalidSpec, match="takes bytes"):
+    with pytest.raises(spear_nb.InvalidArguments, match="takes bytes"):
         session.invoke("wc", 42)
+    with pytest.raises(spear_nb.InvalidArguments, match="only Python functions"):
+        list(session.stream("wc", b"a"))
     assert session.invoke("wc", b"still works") == b"2\n"

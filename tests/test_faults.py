@@ -88,7 +88,9 @@ def test_empty_command(session) -> None:
 def test_non_callable(session) -> None:
     with pytest.raises(spear_nb.InvalidSpec, match="not callable"):
         session.register("answer", 42)
-    with pytest.raises(spear_nb.InvalidSpec, match="registered name or a callable"):
+    with pytest.raises(
+        spear_nb.InvalidArguments, match="registered name or a callable"
+    ):
         session.invoke(42)
     assert_usable(session)
 
@@ -186,8 +188,10 @@ def test_result_larger_than_the_max_frame() -> None:
 
 def test_arguments_that_cannot_be_pickled(session) -> None:
     session.register("ident", lambda x: x)
-    with pytest.raises(SpearError, match="cannot be pickled"):
+    with pytest.raises(spear_nb.InvalidArguments, match="cannot be pickled"):
         session.invoke("ident", threading.Lock())
+    with pytest.raises(spear_nb.InvalidArguments, match="cannot be pickled"):
+        session.submit("ident", threading.Lock()).result(timeout=30)
     assert session.invoke("ident", 5) == 5
 
 

@@ -23,7 +23,7 @@ from spear_nb.errors import (
     ChannelError,
     ExecutionCancelled,
     ExecutionTimeout,
-    InvalidSpec,
+    InvalidArguments,
     PayloadTooLarge,
     SpearError,
 )
@@ -54,7 +54,7 @@ def dumps_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         try:
             return cloudpickle.dumps((args, kwargs), protocol=5)
         except Exception as exc:
-            raise InvalidSpec(
+            raise InvalidArguments(
                 f"the arguments cannot be pickled to send to the instance: {exc}"
             ) from exc
 

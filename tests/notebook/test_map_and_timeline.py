@@ -24,9 +24,9 @@ def test_map_returns_results_in_input_order(session) -> None:
 
 def test_map_of_a_single_value_says_it_takes_an_iterable(session) -> None:
     session.register("square", _functions.square)
-    with pytest.raises(spear_nb.InvalidSpec, match="takes an iterable of inputs"):
+    with pytest.raises(spear_nb.InvalidArguments, match="takes an iterable of inputs"):
         session.map("square", 5, progress=False)
-    with pytest.raises(spear_nb.InvalidSpec, match="map\\(f, \\[x\\]\\)"):
+    with pytest.raises(spear_nb.InvalidArguments, match="map\\(f, \\[x\\]\\)"):
         asyncio.run(session.amap("square", 5, progress=False))
     assert session.map("square", [5], progress=False) == [25]
 
