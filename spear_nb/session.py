@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
+import inspect as _inspect
 import itertools
 import logging
 import os
@@ -19,7 +21,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import pandas as pd
 
@@ -34,6 +36,7 @@ from spear_nb.errors import (
     FunctionNotFound,
     InvalidArguments,
     SessionClosed,
+    did_you_mean,
 )
 from spear_nb.execution.events import EventLog
 from spear_nb.execution.manager import NOT_DIRECT, TaskExecutionManager
@@ -58,6 +61,56 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _checked(method: Callable[P, T]) -> Callable[P, T]:
+    """Refuse a call of ``method`` whose arguments do not fit its signature with
+    :class:`InvalidArguments` naming the closest real keyword, instead of
+    Python's ``TypeError``. For methods whose arguments are all spear_nb's own
+    (not those of invoke and submit, which go to the user's function)."""
+    signature = _inspect.signature(method)
+    keywords = [
+        name
+        for name, parameter in signature.parameters.items()
+        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+        and name != "self"
+    ]
+    label = f"{method.__name__}()"
+
+    def check(args: Any, kwargs: Any) -> None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            unknown = [name for name in kwargs if name not in keywords]
+            if unknown:
+                name = unknown[0]
+                message = (
+                    f"{label} has no keyword {name!r}"
+                    f"{did_you_mean(name, keywords, cutoff=0.5)}; it takes "
+                    + ", ".join(keywords)
+                )
+            else:
+                message = f"{label}: {exc}"
+            raise InvalidArguments(message) from None
+
+    if _inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def checked_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+            check(args, kwargs)
+            return await method(*args, **kwargs)
+
+        return checked_async  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
+        check(args, kwargs)
+        return method(*args, **kwargs)
+
+    return checked
+
+
 _session_numbers = itertools.count(1)
 
 
@@ -454,6 +507,7 @@ class Session:
         """One row per call, most recent last."""
         return self._table(frames.executions)
 
+    @_checked
     def inspect(self, name_or_id: str) -> display.Inspection:
         """Details of a function, task, instance or execution, by name or id."""
 
@@ -470,10 +524,12 @@ class Session:
 
     # -- control -------------------------------------------------------------------
 
+    @_checked
     def scale(self, name: str, count: int) -> None:
         """Start or stop instances of ``name`` until ``count`` are ready."""
         self._run(self._manager.scale(name, count))
 
+    @_checked
     def stop_instance(self, instance_id: str) -> None:
         """Stop one instance; the next call starts a new one if needed."""
 
@@ -492,6 +548,7 @@ class Session:
 
     # -- many calls, timelines and the dashboard ---------------------------------------
 
+    @_checked
     def map(
         self,
         function: str | Callable[..., Any],
@@ -526,6 +583,7 @@ class Session:
             if bar is not None:
                 bar.close()
 
+    @_checked
     async def amap(
         self,
         function: str | Callable[..., Any],
@@ -615,6 +673,7 @@ class Session:
             raise failures[0]
         return results
 
+    @_checked
     def timeline(
         self,
         executions: Any = None,
@@ -633,6 +692,7 @@ class Session:
         """
         return self._read(lambda: self._timeline_of(executions, last, align))
 
+    @_checked
     async def atimeline(
         self, executions: Any = None, /, *, last: int = 10, align: str = "auto"
     ) -> Timeline:
@@ -671,6 +731,7 @@ class Session:
             chosen.append(found)
         return timeline_of(chosen, align)
 
+    @_checked
     def dashboard(
         self, *, interval: float | None = None, widgets: bool = True
     ) -> Dashboard | StaticDashboard:
@@ -700,6 +761,7 @@ class Session:
         self._dashboard = live(self, 1.0 if interval is None else interval)
         return self._dashboard
 
+    @_checked
     async def adashboard(
         self, *, interval: float | None = None, widgets: bool = True
     ) -> Dashboard | StaticDashboard:

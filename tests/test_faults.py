@@ -3,6 +3,7 @@ the session keeps working afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -502,3 +503,19 @@ def test_stale_socket_of_a_crashed_session_is_swept() -> None:
     finally:
         for path in (stale, alive, unowned):
             subprocess.run(["rm", "-rf", path], check=True)
+
+
+def test_a_mistyped_keyword_names_the_real_one(session) -> None:
+    """The session's own methods refuse arguments that do not fit with a
+    spear_nb error naming the closest keyword, not Python's TypeError."""
+    with pytest.raises(spear_nb.InvalidArguments, match="did you mean 'max_in_flight'"):
+        session.map(_remote.inc, [1], max_inflight=2)
+    with pytest.raises(spear_nb.InvalidArguments, match="did you mean 'progress'"):
+        asyncio.run(session.amap(_remote.inc, [1], progres=False))
+    with pytest.raises(spear_nb.InvalidArguments, match="did you mean 'interval'"):
+        session.dashboard(intervall=2)
+    with pytest.raises(spear_nb.InvalidArguments, match="it takes last, align"):
+        session.timeline(lst=3)
+    with pytest.raises(spear_nb.InvalidArguments, match="missing a required"):
+        session.scale("inc")
+    assert session.map(_remote.inc, [1, 2], progress=False) == [2, 3]
