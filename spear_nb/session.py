@@ -135,6 +135,10 @@ class Session:
             raise ConfigurationError("pass either a SessionConfig or keyword settings")
         if config is None:
             config = SessionConfig(**settings)
+        if config.kubeconfig or config.kube_context:
+            from spear_nb.runtime._kube import check_kube_settings
+
+            check_kube_settings(config)
         self.config = config
         self.session_id = f"s{os.getpid()}-{next(_session_numbers)}"
         self.state = SessionState.OPEN

@@ -20,7 +20,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from spear_nb.config import SessionConfig
-from spear_nb.errors import ClusterError, ConfigurationError, SpearError, describe
+from spear_nb.errors import (
+    ClusterError,
+    ConfigurationError,
+    SpearError,
+    describe,
+    did_you_mean,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -485,6 +491,55 @@ async def in_thread(fn: Callable[..., None], *args: Any) -> None:
         await asyncio.wait_for(asyncio.shield(done), GONE_WAIT)
 
 
+def kubeconfig_path(cfg: SessionConfig) -> str:
+    """The kubeconfig the session uses: its setting, $KUBECONFIG or
+    ~/.kube/config if there is one; "" if none."""
+    path = cfg.kubeconfig or os.environ.get("KUBECONFIG", "")
+    default = os.path.expanduser("~/.kube/config")
+    if not path and os.path.exists(default):
+        path = default
+    return path
+
+
+def check_kube_settings(cfg: SessionConfig) -> None:
+    """Refuse, when the session is made, a kubeconfig that is not there or a
+    context it does not have (reading the file only, without the network)."""
+    if cfg.kubeconfig:
+        for part in cfg.kubeconfig.split(os.pathsep):
+            if part and not os.path.exists(os.path.expanduser(part)):
+                raise ConfigurationError(
+                    f"the kubeconfig {part!r} does not exist; pass the path of a "
+                    "kubeconfig file, or leave kubeconfig unset to use $KUBECONFIG "
+                    "or ~/.kube/config"
+                )
+    if cfg.kube_context:
+        path = kubeconfig_path(cfg)
+        if not path:
+            raise ConfigurationError(
+                f"kube_context={cfg.kube_context!r} names a context of a kubeconfig, "
+                "and none was found: pass kubeconfig='path' or set KUBECONFIG"
+            )
+        check_context(path, cfg.kube_context)
+
+
+def check_context(path: str, context: str) -> None:
+    """Refuse a context that the kubeconfig at ``path`` does not define."""
+    from kubernetes import config as kube_config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        contexts, _ = kube_config.list_kube_config_contexts(config_file=path)
+    except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigurationError(f"cannot read the kubeconfig {path}: {exc}") from exc
+    names = [str(c.get("name")) for c in contexts or []]
+    if context not in names:
+        raise ConfigurationError(
+            f"the kubeconfig {path} has no context {context!r}"
+            f"{did_you_mean(context, names)}; its contexts: "
+            + (", ".join(names) or "none")
+        )
+
+
 def load_cluster(cfg: SessionConfig, workdir: str) -> Cluster:
     """Load the configuration the usual way (in a thread: it may run a plugin)."""
     from kubernetes import client
@@ -492,12 +547,11 @@ def load_cluster(cfg: SessionConfig, workdir: str) -> Cluster:
     from kubernetes.config.config_exception import ConfigException
 
     configuration = client.Configuration()
-    path = cfg.kubeconfig or os.environ.get("KUBECONFIG", "")
-    default = os.path.expanduser("~/.kube/config")
-    if not path and os.path.exists(default):
-        path = default
+    path = kubeconfig_path(cfg)
     try:
         if path:
+            if cfg.kube_context:
+                check_context(path, cfg.kube_context)
             kube_config.load_kube_config(
                 config_file=path,
                 context=cfg.kube_context or None,

@@ -407,6 +407,33 @@ def test_an_unreachable_api_server_raises_cluster_error(tmp_path) -> None:
     assert f"at http://127.0.0.1:{port} cannot be reached" in str(caught.value)
 
 
+def test_a_wrong_kubeconfig_or_context_is_refused_when_the_session_is_made(
+    tmp_path,
+) -> None:
+    """Without the network: only the file is read, and nothing is left behind."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [
+            {"name": "lab", "context": {"cluster": "c", "user": "u"}},
+            {"name": "prod", "context": {"cluster": "c", "user": "u"}},
+        ],
+        "current-context": "lab",
+    }
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(config))
+    with pytest.raises(spear_nb.ConfigurationError) as caught:
+        spear_nb.Session(kubeconfig=str(path), kube_context="labb")
+    assert "has no context 'labb' (did you mean 'lab'?)" in str(caught.value)
+    assert "its contexts: lab, prod" in str(caught.value)
+    with pytest.raises(spear_nb.ConfigurationError, match="does not exist"):
+        spear_nb.Session(kubeconfig=str(tmp_path / "missing"))
+    with spear_nb.Session(kubeconfig=str(path), kube_context="prod") as s:
+        assert s.config.kube_context == "prod"
+
+
 def test_an_invalid_pod_is_refused_with_the_api_servers_causes(session, kube) -> None:
     session.register("inc", _remote.inc, image=IMAGE, cpu="lots")
     with pytest.raises(spear_nb.ClusterError) as caught:
