@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import os
 import queue
@@ -224,7 +225,17 @@ async def _serve(
 ) -> int:
     address = env["SPEAR_GRPC_ADDRESS"]
     instance_id = env.get("SPEAR_INSTANCE_ID", "")
+    # A pod's spec, which anyone who may read pods can see, carries only the
+    # secret's SHA-256; a local process gets the secret itself.
+    secret_digest = env.get("SPEAR_SECRET_SHA256", "")
     secret = env.get("SPEAR_SECRET", "").encode()
+
+    def secret_matches(given: bytes) -> bool:
+        if secret_digest:
+            digest = hashlib.sha256(given).hexdigest()
+            return hmac.compare_digest(digest.encode(), secret_digest.encode())
+        return bool(secret) and hmac.compare_digest(given, secret)
+
     max_frame = int(env.get("SPEAR_MAX_FRAME", DEFAULT_MAX_FRAME))
     concurrency = int(env.get("SPEAR_CONCURRENCY", "1"))
     interval = float(env.get("SPEAR_HEARTBEAT", "0"))
@@ -250,9 +261,7 @@ async def _serve(
             if first.type is not MessageType.AUTH_REQUEST:
                 return
             given = str(first.header("secret", "")).encode()
-            if first.header("instance_id") != instance_id or not hmac.compare_digest(
-                given, secret
-            ):
+            if first.header("instance_id") != instance_id or not secret_matches(given):
                 await context.write(refusal(b"wrong secret"))
                 return
             if connected.is_set():

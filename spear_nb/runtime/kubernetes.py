@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
@@ -385,7 +386,8 @@ class KubernetesRuntime(Runtime):
             container["workingDir"] = spec.cwd
         ours = {
             "SPEAR_INSTANCE_ID": instance.instance_id,
-            "SPEAR_SECRET": instance.secret,
+            # Only a digest: anyone who may read the pod may read its spec.
+            "SPEAR_SECRET_SHA256": hashlib.sha256(instance.secret.encode()).hexdigest(),
             "SPEAR_GRPC_ADDRESS": f"0.0.0.0:{handle.port}",
             "SPEAR_HEARTBEAT": str(config.heartbeat_interval),
             "SPEAR_MAX_FRAME": str(config.max_frame_size),

@@ -6,6 +6,7 @@ a user with a real cluster would; the pods it runs are local processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -201,7 +202,11 @@ def test_a_pod_serves_warm_calls_and_is_deleted_on_close(kube, core) -> None:
         port = container["ports"][0]["containerPort"]
         assert env["SPEAR_INSTANCE_ID"] == instance_id
         assert env["SPEAR_GRPC_ADDRESS"] == f"0.0.0.0:{port}"
-        assert set(env) >= {"SPEAR_SECRET", "SPEAR_HEARTBEAT", "SPEAR_MAX_FRAME"}
+        assert set(env) >= {"SPEAR_SECRET_SHA256", "SPEAR_HEARTBEAT", "SPEAR_MAX_FRAME"}
+        # Whoever may read the pod sees only a digest of its instance's secret.
+        secret = s._manager.instances[instance_id].secret
+        assert "SPEAR_SECRET" not in env and secret not in json.dumps(pod)
+        assert env["SPEAR_SECRET_SHA256"] == hashlib.sha256(secret.encode()).hexdigest()
         assert pod["status"]["qosClass"] == "Burstable"
         assert channels["address"][0] == f"127.0.0.1:{port}"
         pids = kube.pod_pids()
@@ -405,6 +410,42 @@ def test_an_unreachable_api_server_raises_cluster_error(tmp_path) -> None:
             s.invoke("inc", 1)
     assert caught.value.status == 0
     assert f"at http://127.0.0.1:{port} cannot be reached" in str(caught.value)
+
+
+def test_a_pod_agent_takes_the_secret_not_its_digest_from_the_spec(session) -> None:
+    """The pod's spec carries the secret's SHA-256: presenting that digest (all
+    that someone who read the pod knows) is refused, like a wrong secret."""
+    import grpc
+
+    from spear_nb.communication._grpc import spear_pb2, spear_pb2_grpc
+    from spear_nb.communication.protocol import Message, MessageType, pack, unpack
+
+    session.register("inc", _remote.inc, image=IMAGE)
+    assert session.invoke("inc", 1) == 2
+    (row,) = session.channels().to_dict("records")
+    instance_id = row["instance_id"]
+    secret = session._manager.instances[instance_id].secret
+    digest = hashlib.sha256(secret.encode()).hexdigest()
+
+    def dial(given: str) -> Message:
+        auth = Message(
+            MessageType.AUTH_REQUEST,
+            0,
+            headers={"instance_id": instance_id, "secret": given},
+        )
+        with grpc.insecure_channel(row["address"]) as channel:
+            stub = spear_pb2_grpc.AgentStub(channel)
+            (reply,) = stub.Connect(
+                iter([spear_pb2.Frame(body=pack(auth))]), timeout=30
+            )
+            return unpack(reply.body)
+
+    for given in (digest, "0" * 64):
+        reply = dial(given)
+        assert reply.header("ok") is False and b"wrong secret" in reply.payload
+    reply = dial(secret)  # the right one: only the host's stream may stay
+    assert reply.header("ok") is False and b"already connected" in reply.payload
+    assert session.invoke("inc", 2) == 3
 
 
 def test_a_wrong_kubeconfig_or_context_is_refused_when_the_session_is_made(
