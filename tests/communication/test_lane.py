@@ -447,3 +447,30 @@ def test_an_instance_that_polls_on_its_callers_cpu_moves_off_it(path) -> None:
         assert moves[0] >= 1
         assert os.sched_getaffinity(pid) == allowed
         assert s.executions()["direct"].iloc[-1] == (path == "lane")
+
+
+@_TWO_CPUS
+def test_a_polled_reply_is_delivered_before_its_caller_awaits_it(session) -> None:
+    """A lone call's poll reads the reply it finds at once, so the call ends
+    without another turn of the loop: here the loop never turns, and the reply
+    still arrives."""
+    from spear_nb.runtime._agentcall import decode_reply, dumps_arguments
+
+    session.register("inc", _remote.inc)
+    assert session.submit("inc", 1).result(timeout=30) == 2
+    (instance_id,) = session.instances()["instance_id"]
+    channel = session._manager.factory.pooled(instance_id)
+    instance = session._manager.instances[instance_id]
+
+    async def one() -> tuple[bool, Any]:
+        message = Message(MessageType.EXECUTE_REQUEST, 0, dumps_arguments((41,), {}))
+        future = channel.start_request(message)
+        deadline = time.monotonic() + 15
+        while not future.done() and time.monotonic() < deadline:
+            channel.poll_for_reply(0.0002)  # never awaits: the loop cannot read
+        delivered = future.done()
+        reply = await future
+        channel.forget(message.request_id)
+        return delivered, decode_reply(reply, instance)
+
+    assert session._loop.run(one()) == (True, 42)
