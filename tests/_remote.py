@@ -226,3 +226,16 @@ def deaf_sleep(seconds):
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})
     return seconds
+
+
+def import_path(names: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """This instance's ``sys.path``, and where each named module would be
+    imported from (None: nowhere)."""
+    import importlib.util
+    import sys
+
+    found = {}
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        found[name] = spec.origin if spec is not None else None
+    return list(sys.path), found

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -58,6 +59,34 @@ def test_handler_found_through_pythonpath(tmp_path, start_method) -> None:
     with spear_nb.Session(stop_grace=0.5, start_method=start_method) as s:
         s.register("neg", handler="spear_test_pp:neg", env={"PYTHONPATH": str(lib)})
         assert s.invoke("neg", 3) == -3
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_relative_cwd_is_the_hosts_and_a_missing_one_is_refused(
+    tmp_path, monkeypatch, start_method
+) -> None:
+    (tmp_path / "pkgdir").mkdir()
+    (tmp_path / "pkgdir" / "spear_test_rel.py").write_text(
+        "import os\n\ndef fn(x):\n    return x * 2, os.getcwd()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    with spear_nb.Session(stop_grace=0.5, start_method=start_method) as s:
+        s.register("rel", handler="spear_test_rel:fn", cwd="pkgdir")
+        assert s.invoke("rel", 21) == (42, str(tmp_path / "pkgdir"))
+        with pytest.raises(spear_nb.InvalidSpec, match="'nope' is not a directory"):
+            s.register("gone", handler="spear_test_rel:fn", cwd="nope")
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_spear_nbs_own_modules_do_not_hide_the_users(start_method) -> None:
+    """An instance imports spear_nb from the directory that holds it: the
+    package's own modules (config, errors, notebook...) are not top-level
+    modules there, where they would hide installed ones of those names."""
+    with spear_nb.Session(stop_grace=0.5, start_method=start_method) as s:
+        path, found = s.invoke(_remote.import_path, ["config", "errors", "notebook"])
+    package = os.path.dirname(spear_nb.__file__)
+    assert package not in path
+    assert not [o for o in found.values() if o and o.startswith(package + os.sep)]
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,8 @@ from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.zygote import Zygote
 
 logger = logging.getLogger(__name__)
+# spear_nb/ itself (this file is spear_nb/runtime/process.py).
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 STDERR_TAIL = 2000
 # register(..., pipeline=True): up to max_concurrency calls in flight to one
@@ -124,6 +126,11 @@ class ProcessRuntime(Runtime):
         unknown = sorted(set(dict(spec.options)) - PROCESS_OPTIONS)
         if unknown:
             raise unknown_keywords(unknown, "process", sorted(PROCESS_OPTIONS))
+        if spec.cwd and not os.path.isdir(spec.cwd):
+            raise InvalidSpec(
+                f"cwd={spec.cwd!r} is not a directory (relative to "
+                f"{os.getcwd()}); pass the directory the function should run in"
+            )
         if spec.kind is ArtifactKind.COMMAND:
             if not spec.command:
                 raise InvalidSpec("a command needs at least the program to run")
@@ -312,7 +319,8 @@ class ProcessRuntime(Runtime):
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        cwd = spec.cwd or os.getcwd()
+        # Absolute: a forked instance changes into it, then imports from it.
+        cwd = os.path.abspath(spec.cwd) if spec.cwd else os.getcwd()
         _add_python_path(env, cwd)
         return env, cwd
 
@@ -628,7 +636,7 @@ class ProcessRuntime(Runtime):
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                cwd=spec.cwd or None,
+                cwd=os.path.abspath(spec.cwd) if spec.cwd else None,
                 start_new_session=True,
             )
         except OSError as exc:
@@ -778,9 +786,11 @@ async def _wait_exit(handle: ProcessHandle, timeout: float) -> bool:
 
 
 def _add_python_path(env: dict[str, str], cwd: str) -> None:
-    """Let instances import this spear_nb and the user's modules next to ``cwd``."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    parts = [package_root, cwd]
+    """Let instances import the user's modules in ``cwd`` first, then this
+    spear_nb (from the directory that holds the package, never the package's
+    own directory, whose modules would hide installed ones of the same names)."""
+    package_root = os.path.dirname(_PACKAGE_DIR)
+    parts = [cwd, package_root]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)
