@@ -88,7 +88,7 @@ def _checked(method: Callable[P, T]) -> Callable[P, T]:
                 message = (
                     f"{label} has no keyword {name!r}"
                     f"{did_you_mean(name, keywords, cutoff=0.5)}; it takes "
-                    + ", ".join(keywords)
+                    + (", ".join(keywords) or "no arguments")
                 )
             else:
                 message = f"{label}: {exc}"
@@ -487,26 +487,32 @@ class Session:
 
         return self._run(on_loop())
 
+    @_checked
     def instances(self) -> pd.DataFrame:
         """One row per instance, live or stopped (``frames.INSTANCE_COLUMNS``)."""
         return self._table(frames.instances)
 
+    @_checked
     def tasks(self) -> pd.DataFrame:
         """One row per task; columns in ``frames.TASK_COLUMNS``."""
         return self._table(frames.tasks)
 
+    @_checked
     def channels(self) -> pd.DataFrame:
         """One row per channel, with traffic and latency stats."""
         return self._table(frames.channels)
 
+    @_checked
     def metrics(self) -> pd.DataFrame:
         """Per-function call counts and latency percentiles."""
         return self._table(frames.metrics)
 
+    @_checked
     def events(self) -> pd.DataFrame:
         """The event log: a row per phase of each execution and per lifecycle change."""
         return self._table(frames.events)
 
+    @_checked
     def executions(self) -> pd.DataFrame:
         """One row per call, most recent last."""
         return self._table(frames.executions)
@@ -529,9 +535,27 @@ class Session:
     # -- control -------------------------------------------------------------------
 
     @_checked
-    def scale(self, name: str, count: int) -> None:
-        """Start or stop instances of ``name`` until ``count`` are ready."""
-        self._run(self._manager.scale(name, count))
+    def scale(self, name: str | Callable[..., Any], count: int) -> None:
+        """Start or stop instances of ``name`` (a registered name, or a callable
+        registered before) until ``count`` are ready."""
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise InvalidArguments(
+                f"scale() takes a whole number of instances, not {count!r}"
+            )
+        self._run(self._manager.scale(self._name_of(name, "scale"), count))
+
+    def _name_of(self, function: str | Callable[..., Any], what: str) -> str:
+        """The registered name of ``function``, for the methods that do not
+        register a callable on first use."""
+        if isinstance(function, str):
+            return function
+        name = self._known_name(function) if callable(function) else None
+        if name is None:
+            raise InvalidArguments(
+                f"{what}() takes a registered name, or a callable registered "
+                f"before; got {type(function).__name__}"
+            )
+        return name
 
     @_checked
     def stop_instance(self, instance_id: str) -> None:
@@ -717,8 +741,14 @@ class Session:
             keys: list[Any] = executions["execution_id"].tolist()
         elif isinstance(executions, (str, ExecutionHandle)):
             keys = [executions]
-        else:
+        elif isinstance(executions, Iterable):
             keys = list(executions)
+        else:
+            raise InvalidArguments(
+                "timeline() takes an execution id, a handle, a list of them or a "
+                f"DataFrame of executions, not {type(executions).__name__}; to draw "
+                "the last n calls, pass last=n"
+            )
         by_id = {e.execution_id: e for e in log}
         chosen: list[Execution] = []
         for key in keys:

@@ -518,4 +518,14 @@ def test_a_mistyped_keyword_names_the_real_one(session) -> None:
         session.timeline(lst=3)
     with pytest.raises(spear_nb.InvalidArguments, match="missing a required"):
         session.scale("inc")
+    with pytest.raises(spear_nb.InvalidArguments, match="it takes no arguments"):
+        session.instances(fn="inc")
+    with pytest.raises(spear_nb.InvalidArguments, match="whole number"):
+        session.scale(_remote.inc, "2")
+    with pytest.raises(spear_nb.InvalidArguments, match="pass last=n"):
+        session.timeline(5)
+    with pytest.raises(spear_nb.InvalidArguments, match="registered before"):
+        session.scale(print, 1)
     assert session.map(_remote.inc, [1, 2], progress=False) == [2, 3]
+    session.scale(_remote.inc, 2)  # a callable registered before: its name
+    assert len(rows(session.instances(), status="ready")) == 2

@@ -81,6 +81,9 @@ class Dashboard(ipywidgets.VBox):
     def __init__(
         self, session: Session, interval: float = 1.0, *, start: bool = True
     ) -> None:
+        # Set first: a widget that failed to build is still closed when it is
+        # collected, and closing must then find nothing to stop.
+        self._closed = True
         self._session = session
         self._loop_thread = session._loop
         self._interval = check_interval(interval)
@@ -537,6 +540,8 @@ class Dashboard(ipywidgets.VBox):
     def close(self) -> None:
         """Stop refreshing and close the widget and its parts."""
         self._stop()
+        if not hasattr(self, "views"):  # it failed to build: nothing to close
+            return
         for widget in (
             *self.views.values(),
             *self._containers,

@@ -512,27 +512,33 @@ def check_kube_settings(cfg: SessionConfig) -> None:
                     "kubeconfig file, or leave kubeconfig unset to use $KUBECONFIG "
                     "or ~/.kube/config"
                 )
-    if cfg.kube_context:
-        path = kubeconfig_path(cfg)
-        if not path:
-            raise ConfigurationError(
-                f"kube_context={cfg.kube_context!r} names a context of a kubeconfig, "
-                "and none was found: pass kubeconfig='path' or set KUBECONFIG"
-            )
+    path = kubeconfig_path(cfg)
+    if cfg.kube_context and not path:
+        raise ConfigurationError(
+            f"kube_context={cfg.kube_context!r} names a context of a kubeconfig, "
+            "and none was found: pass kubeconfig='path' or set KUBECONFIG"
+        )
+    if path:
         check_context(path, cfg.kube_context)
 
 
 def check_context(path: str, context: str) -> None:
-    """Refuse a context that the kubeconfig at ``path`` does not define."""
-    from kubernetes import config as kube_config
-    from kubernetes.config.config_exception import ConfigException
-
+    """Read the kubeconfig at ``path``; refuse it if it cannot be read, or if it
+    does not define ``context`` (when one is named)."""
+    try:
+        from kubernetes import config as kube_config
+    except ImportError:
+        raise ConfigurationError(
+            "kubeconfig= and kube_context= are settings of the kubernetes runtime, "
+            "which needs the kubernetes client: pip install 'spear_nb[kubernetes]'"
+        ) from None
     try:
         contexts, _ = kube_config.list_kube_config_contexts(config_file=path)
-    except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigurationError(f"cannot read the kubeconfig {path}: {exc}") from exc
+    except Exception as exc:  # the client and its YAML parser raise many types
+        text = " ".join(str(exc).split())  # YAML errors span several lines
+        raise ConfigurationError(f"cannot read the kubeconfig {path}: {text}") from exc
     names = [str(c.get("name")) for c in contexts or []]
-    if context not in names:
+    if context and context not in names:
         raise ConfigurationError(
             f"the kubeconfig {path} has no context {context!r}"
             f"{did_you_mean(context, names)}; its contexts: "
@@ -574,12 +580,13 @@ def load_cluster(cfg: SessionConfig, workdir: str) -> Cluster:
                 "Session(kubeconfig='path'), set KUBECONFIG, or run the session "
                 "inside a cluster"
             )
-    except (ConfigException, OSError, ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, ConfigurationError):
-            raise
+    except ConfigurationError:
+        raise
+    except (ConfigException, Exception) as exc:  # its YAML parser's errors too
+        text = " ".join(str(exc).split())
         raise ConfigurationError(
             f"cannot load the Kubernetes configuration"
-            f"{' from ' + path if path else ''}: {exc}"
+            f"{' from ' + path if path else ''}: {text}"
         ) from exc
     api_client = client.ApiClient(configuration=configuration)
     forward_client = client.ApiClient(configuration=configuration)

@@ -230,3 +230,16 @@ def test_adashboard_is_the_coroutine_twin(session) -> None:
     assert board.refreshing
     board.close()
     assert not board.refreshing
+
+
+def test_a_dashboard_refused_for_its_interval_leaves_no_noise(session, capfd) -> None:
+    """The widget that failed to build is collected without a traceback from
+    ipywidgets on stderr."""
+    import gc
+
+    with pytest.raises(spear_nb.ConfigurationError, match="refresh interval"):
+        session.dashboard(interval=0)
+    gc.collect()
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert isinstance(session.dashboard(interval=0.5), Dashboard)
+    session.dashboard().close()

@@ -449,7 +449,7 @@ def test_a_pod_agent_takes_the_secret_not_its_digest_from_the_spec(session) -> N
 
 
 def test_a_wrong_kubeconfig_or_context_is_refused_when_the_session_is_made(
-    tmp_path,
+    tmp_path, monkeypatch
 ) -> None:
     """Without the network: only the file is read, and nothing is left behind."""
     config = {
@@ -471,8 +471,17 @@ def test_a_wrong_kubeconfig_or_context_is_refused_when_the_session_is_made(
     assert "its contexts: lab, prod" in str(caught.value)
     with pytest.raises(spear_nb.ConfigurationError, match="does not exist"):
         spear_nb.Session(kubeconfig=str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.write_text("apiVersion: v1\nclusters: [ {name: c\n")
+    with pytest.raises(spear_nb.ConfigurationError) as caught:
+        spear_nb.Session(kubeconfig=str(broken))
+    assert f"cannot read the kubeconfig {broken}" in str(caught.value)
+    assert "line 2" in str(caught.value)  # the parser's words, on one line
     with spear_nb.Session(kubeconfig=str(path), kube_context="prod") as s:
         assert s.config.kube_context == "prod"
+    monkeypatch.setitem(sys.modules, "kubernetes", None)  # as if not installed
+    with pytest.raises(spear_nb.ConfigurationError, match=r"spear_nb\[kubernetes\]"):
+        spear_nb.Session(kubeconfig=str(path), kube_context="prod")
 
 
 def test_an_invalid_pod_is_refused_with_the_api_servers_causes(session, kube) -> None:
