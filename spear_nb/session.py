@@ -995,6 +995,12 @@ def _byte_payload(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> b
 
 def _inputs(inputs: Iterable[Any]) -> list[Any]:
     """The inputs of a map as a list; what is not iterable is refused clearly."""
+    if isinstance(inputs, (bytes, bytearray, memoryview)):
+        raise InvalidArguments(
+            f"map() over {type(inputs).__name__} would make one call per byte, "
+            "with an int each; to send the bytes as one payload use invoke(), or "
+            "map over a list of payloads: map(f, [b'...', b'...'])"
+        )
     try:
         return list(inputs)
     except TypeError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -518,6 +519,9 @@ def test_a_mistyped_keyword_names_the_real_one(session) -> None:
         session.timeline(lst=3)
     with pytest.raises(spear_nb.InvalidArguments, match="missing a required"):
         session.scale("inc")
+    with pytest.raises(spear_nb.InvalidSpec) as caught:
+        session.register("pod", _remote.inc, image="x", gpu=1)
+    assert len(re.findall(r"\bimage\b(?!_)", str(caught.value))) == 1  # not twice
     with pytest.raises(spear_nb.InvalidArguments, match="it takes no arguments"):
         session.instances(fn="inc")
     with pytest.raises(spear_nb.InvalidArguments, match="whole number"):

@@ -84,10 +84,11 @@ def unknown_keywords(
         f"register() got an unknown keyword {', '.join(described)}; every function "
         f"takes {', '.join(REGISTER_KEYWORDS)}"
     )
+    extra = sorted(set(options) - set(REGISTER_KEYWORDS))
     if kind:
         text += (
-            f", and a {kind} function also takes {', '.join(sorted(options))}"
-            if options
+            f", and a {kind} function also takes {', '.join(extra)}"
+            if extra
             else f"; a {kind} function takes no other options"
         )
     for owner, owned, how in _OPTION_OWNERS:

@@ -127,6 +127,9 @@ _TIME_COLUMNS = (
     "submitted_at",
 )
 
+# Whole numbers that some rows lack (a pod has no local process id).
+_ID_COLUMNS = ("pid",)
+
 
 def frame(rows: Iterable[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     """A DataFrame with exactly ``columns``, times converted to timestamps."""
@@ -134,6 +137,9 @@ def frame(rows: Iterable[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
     for column in _TIME_COLUMNS:
         if column in df.columns:
             df[column] = pd.to_datetime(df[column], unit="s", utc=True)
+    for column in _ID_COLUMNS:  # whole numbers, also where some rows have none
+        if column in df.columns and df[column].dtype.kind == "f":
+            df[column] = df[column].astype("Int64")
     return df
 
 

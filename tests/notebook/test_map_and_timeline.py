@@ -28,6 +28,8 @@ def test_map_of_a_single_value_says_it_takes_an_iterable(session) -> None:
         session.map("square", 5, progress=False)
     with pytest.raises(spear_nb.InvalidArguments, match="map\\(f, \\[x\\]\\)"):
         asyncio.run(session.amap("square", 5, progress=False))
+    with pytest.raises(spear_nb.InvalidArguments, match="one call per byte"):
+        session.map("square", b"abc", progress=False)
     assert session.map("square", [5], progress=False) == [25]
 
 
