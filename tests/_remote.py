@@ -15,14 +15,16 @@ def inc(x):
     return x + 1
 
 
-def inc_and_moves(x: int) -> tuple[int, int]:
-    """``x + 1``, and how many times this agent moved off its caller's CPU."""
+def inc_and_moves(x: int) -> tuple[int, tuple[int, int, int]]:
+    """``x + 1``, and how often this agent compared its CPU with its caller's,
+    found them the same, and moved off it."""
     import gc
 
     from spear_nb.agent._serve import Server
 
-    servers = [o for o in gc.get_objects() if isinstance(o, Server)]
-    return x + 1, sum(server.spread.moves for server in servers)
+    (server,) = [o for o in gc.get_objects() if isinstance(o, Server)]
+    spread = server.spread
+    return x + 1, (spread.looks, spread.met, spread.moves)
 
 
 def add(a, b=0, *, scale=1):

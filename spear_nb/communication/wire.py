@@ -206,6 +206,8 @@ class Spread:
     """
 
     def __init__(self) -> None:
+        self.looks = 0  # times it compared its CPU with the peer's
+        self.met = 0  # ... and found the two the same
         self.moves = 0
         self.skip = 0  # looks left to ignore
         self._backoff = 0
@@ -219,9 +221,11 @@ class Spread:
             self.skip -= 1
             return False
         here = current_cpu()
+        self.looks += 1
         if here < 0 or here != peer_cpu:
             self._backoff = 0
             return False
+        self.met += 1
         try:
             allowed = os.sched_getaffinity(0)
             if len(allowed) < 2 or here not in allowed:
