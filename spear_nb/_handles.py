@@ -8,6 +8,7 @@ import queue
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import Any
 
+from spear_nb._arguments import checked, seconds
 from spear_nb._bridge import (
     CANCEL_GRACE,
     CTRL_C,
@@ -54,12 +55,14 @@ class ExecutionHandle:
     def done(self) -> bool:
         return self._future.done()
 
+    @checked
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the call and return its value (or raise its error).
 
         Ctrl-C while waiting cancels the call. ``timeout`` limits the wait, not
         the call: on expiry :class:`WaitTimeout` is raised and the call goes on.
         """
+        timeout = seconds(timeout, "result()'s timeout")
         try:
             for wait in wait_slices(timeout):
                 try:
@@ -80,6 +83,7 @@ class ExecutionHandle:
             "goes on: wait again, or cancel() it"
         )
 
+    @checked
     def cancel(self) -> bool:
         """Cancel the call; return False if it had already finished."""
         return self._cancel(None)

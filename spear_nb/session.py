@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import functools
-import inspect as _inspect
 import itertools
 import logging
 import os
@@ -21,11 +19,13 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
 from spear_nb import _cleanup
+from spear_nb._arguments import checked as _checked
+from spear_nb._arguments import whole
 from spear_nb._bridge import LoopThread
 from spear_nb._handles import ChunkStream, ExecutionHandle, chunk_aiter, start_on_loop
 from spear_nb.communication.factory import CommunicationFactory
@@ -36,7 +36,6 @@ from spear_nb.errors import (
     FunctionNotFound,
     InvalidArguments,
     SessionClosed,
-    did_you_mean,
 )
 from spear_nb.execution.events import EventLog
 from spear_nb.execution.manager import NOT_DIRECT, TaskExecutionManager
@@ -61,56 +60,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-P = ParamSpec("P")
-
-
-def _checked(method: Callable[P, T]) -> Callable[P, T]:
-    """Refuse a call of ``method`` whose arguments do not fit its signature with
-    :class:`InvalidArguments` naming the closest real keyword, instead of
-    Python's ``TypeError``. For methods whose arguments are all spear_nb's own
-    (not those of invoke and submit, which go to the user's function)."""
-    signature = _inspect.signature(method)
-    keywords = [
-        name
-        for name, parameter in signature.parameters.items()
-        if parameter.kind in (parameter.KEYWORD_ONLY, parameter.POSITIONAL_OR_KEYWORD)
-        and name != "self"
-    ]
-    label = f"{method.__name__}()"
-
-    def check(args: Any, kwargs: Any) -> None:
-        try:
-            signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            unknown = [name for name in kwargs if name not in keywords]
-            if unknown:
-                name = unknown[0]
-                message = (
-                    f"{label} has no keyword {name!r}"
-                    f"{did_you_mean(name, keywords, cutoff=0.5)}; it takes "
-                    + (", ".join(keywords) or "no arguments")
-                )
-            else:
-                message = f"{label}: {exc}"
-            raise InvalidArguments(message) from None
-
-    if _inspect.iscoroutinefunction(method):
-
-        @functools.wraps(method)
-        async def checked_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-            check(args, kwargs)
-            return await method(*args, **kwargs)
-
-        return checked_async  # type: ignore[return-value]
-
-    @functools.wraps(method)
-    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
-        check(args, kwargs)
-        return method(*args, **kwargs)
-
-    return checked
-
-
 _session_numbers = itertools.count(1)
 
 
@@ -538,10 +487,7 @@ class Session:
     def scale(self, name: str | Callable[..., Any], count: int) -> None:
         """Start or stop instances of ``name`` (a registered name, or a callable
         registered before) until ``count`` are ready."""
-        if isinstance(count, bool) or not isinstance(count, int):
-            raise InvalidArguments(
-                f"scale() takes a whole number of instances, not {count!r}"
-            )
+        count = whole(count, "scale()'s count of instances")
         self._run(self._manager.scale(self._name_of(name, "scale"), count))
 
     def _name_of(self, function: str | Callable[..., Any], what: str) -> str:
@@ -734,6 +680,7 @@ class Session:
     def _timeline_of(self, executions: Any, last: int, align: str) -> Timeline:
         from spear_nb.notebook.timeline import timeline_of
 
+        last = whole(last, "timeline()'s last")
         log = list(self._manager.executions)
         if executions is None:
             return timeline_of(log[-last:] if last > 0 else [], align)
@@ -834,6 +781,7 @@ class Session:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    @_checked
     def close(self) -> None:
         """Stop every instance, close every channel and stop the loop thread.
 

@@ -241,3 +241,14 @@ def import_path(names: list[str]) -> tuple[list[str], dict[str, str | None]]:
         spec = importlib.util.find_spec(name)
         found[name] = spec.origin if spec is not None else None
     return list(sys.path), found
+
+
+def sys_exit(message: str) -> None:
+    """Leave the way a script would: sys.exit(message)."""
+    import sys
+
+    sys.exit(message)
+
+
+def interrupt_itself() -> None:
+    raise KeyboardInterrupt("raised by the function itself")

@@ -77,6 +77,21 @@ def test_a_relative_cwd_is_the_hosts_and_a_missing_one_is_refused(
             s.register("gone", handler="spear_test_rel:fn", cwd="nope")
 
 
+def test_a_relative_script_is_found_in_cwd(session, tmp_path, monkeypatch) -> None:
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "serve_me.py").write_text(
+        "import os\nfrom spear_nb.agent import serve\n\n"
+        "def where(x):\n    return x, os.getcwd()\n\n"
+        "if __name__ == '__main__':\n    serve(where)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    session.register("sc", script="serve_me.py", cwd="proj")
+    assert session.invoke("sc", 1) == (1, str(proj))
+    with pytest.raises(spear_nb.InvalidSpec, match="nor in cwd='proj'"):
+        session.register("gone", script="missing.py", cwd="proj")
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_spear_nbs_own_modules_do_not_hide_the_users(start_method) -> None:
     """An instance imports spear_nb from the directory that holds it: the

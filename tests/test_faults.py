@@ -533,3 +533,38 @@ def test_a_mistyped_keyword_names_the_real_one(session) -> None:
     assert session.map(_remote.inc, [1, 2], progress=False) == [2, 3]
     session.scale(_remote.inc, 2)  # a callable registered before: its name
     assert len(rows(session.instances(), status="ready")) == 2
+
+
+def test_sys_exit_in_a_function_is_its_error_and_the_instance_stays(session) -> None:
+    """sys.exit() or a KeyboardInterrupt the function raises itself comes back
+    as a RemoteError, like any exception; the warm instance serves on."""
+    with pytest.raises(spear_nb.RemoteError) as info:
+        session.invoke(_remote.sys_exit, "negative input")
+    assert info.value.remote_type == "SystemExit"
+    assert "negative input" in str(info.value)
+    with pytest.raises(spear_nb.RemoteError) as info:
+        session.submit(_remote.interrupt_itself).result(timeout=30)
+    assert info.value.remote_type == "KeyboardInterrupt"
+    (row,) = rows(session.instances(), function="sys_exit").to_dict("records")
+    assert row["status"] == "ready" and row["requests_failed"] == 1
+    assert session.invoke(_remote.inc, 1) == 2
+
+
+def test_a_handles_methods_refuse_what_does_not_fit(session) -> None:
+    handle = session.submit(_remote.inc, 1)
+    assert handle.result(timeout=30) == 2
+    with pytest.raises(spear_nb.InvalidArguments, match="number of seconds"):
+        handle.result(timeout="1")
+    with pytest.raises(spear_nb.InvalidArguments, match="0 or more seconds"):
+        handle.result(timeout=-1)
+    with pytest.raises(spear_nb.InvalidArguments, match="did you mean 'timeout'"):
+        handle.result(timout=1)
+    with pytest.raises(spear_nb.InvalidArguments, match="too many positional"):
+        handle.cancel(True)
+    with pytest.raises(spear_nb.InvalidArguments, match="whole number"):
+        session.timeline(last="3")
+    with pytest.raises(spear_nb.InvalidArguments, match="takes no arguments"):
+        session.close(now=True)
+    session.register("few", _remote.inc, max_instances=2)
+    with pytest.raises(spear_nb.ConfigurationError, match="max_instances=N"):
+        session.scale("few", 5)

@@ -350,7 +350,10 @@ class Server:
         except _Cancelled:
             self.threads.pop(rid, None)
             reply = Message(MessageType.EXECUTE_RESPONSE, rid, b"", _CANCELLED)
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:
+            # sys.exit() or a KeyboardInterrupt the function raised itself is its
+            # error, like any other: the instance stays up (the host cancels with
+            # _Cancelled, and SIGINT is ignored here).
             reply = error_reply(rid, exc)
         try:
             self.send_reply(reply, wire)

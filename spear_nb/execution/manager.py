@@ -654,7 +654,9 @@ class TaskExecutionManager:
         task = self.function(name)
         if count < 0 or count > task.settings.max_instances:
             raise ConfigurationError(
-                f"scale {name!r} to between 0 and {task.settings.max_instances}"
+                f"scale {name!r} to between 0 and {task.settings.max_instances}, its "
+                "max_instances; to allow more, register it again with "
+                "max_instances=N"
             )
         while len(task.instances) + task.starting < count:
             await self._create_instance(task)

@@ -190,7 +190,8 @@ def build_spec(
         argv = _argv(command)
         if not argv or not all(isinstance(a, str) and a for a in argv):
             raise InvalidSpec(
-                f"command must be a non-empty list of strings, got {command!r}"
+                "command must be a program and its arguments, as a non-empty list "
+                f"of strings or one string (split like a shell line), got {command!r}"
             )
         return ArtifactSpec(kind=ArtifactKind.COMMAND, command=tuple(argv), **common)
     if handler is not None:
@@ -200,9 +201,14 @@ def build_spec(
             )
         return ArtifactSpec(kind=ArtifactKind.HANDLER, target=handler, **common)
     if script is not None:
-        path = os.path.abspath(_path("script", script))
+        given = _path("script", script)
+        # A relative script is looked for in cwd= first, as the instance runs there.
+        path = os.path.abspath(os.path.join(cwd_text, given) if cwd_text else given)
+        if cwd_text and not os.path.isfile(path):
+            path = os.path.abspath(given)
         if not os.path.isfile(path):
-            raise InvalidSpec(f"the script {path!r} does not exist")
+            where = f" (nor in cwd={cwd_text!r})" if cwd_text else ""
+            raise InvalidSpec(f"the script {path!r} does not exist{where}")
         return ArtifactSpec(kind=ArtifactKind.SCRIPT, target=path, **common)
     if wasm is not None:
         return ArtifactSpec(kind=ArtifactKind.WASM, code=_wasm_bytes(wasm), **common)

@@ -435,9 +435,13 @@ class ProcessRuntime(Runtime):
             instance_id=instance.instance_id,
         )
         if instance.failure.startswith("its channel was lost"):
-            # The socket broke a moment before the exit was seen; the exit is
-            # the better explanation.
-            instance.failure = reason
+            if "paused or hung" in instance.failure:
+                # The session killed it for its silence: that stays the reason.
+                instance.failure += f"; then {reason}"
+            else:
+                # The socket broke a moment before the exit was seen; the exit
+                # is the better explanation.
+                instance.failure = reason
         self.context.on_instance_lost(instance, reason)
 
     def _start_failure(self, instance: TaskInstance, exc: SpearError) -> SpearError:

@@ -176,3 +176,10 @@ def test_an_idle_paused_instance_is_replaced_transparently(beating, kind) -> Non
     assert s.executions()["status"].tolist() == ["succeeded", "succeeded"]
     assert s.executions()["new_instance"].tolist() == [True, True]
     assert all_gone([int(old_pid)]) == []
+    if kind == "unix":  # a local process: its exit is seen too, and added
+
+        def failure() -> str:
+            return str(s.instances().set_index("instance_id").loc[old_id, "failure"])
+
+        assert wait_until(lambda: "SIGKILL" in failure()), failure()
+        assert "heartbeat" in failure()  # still why it was killed
