@@ -201,11 +201,13 @@ def build_spec(
             )
         return ArtifactSpec(kind=ArtifactKind.HANDLER, target=handler, **common)
     if script is not None:
-        given = _path("script", script)
+        script_path = _path("script", script)
         # A relative script is looked for in cwd= first, as the instance runs there.
-        path = os.path.abspath(os.path.join(cwd_text, given) if cwd_text else given)
+        path = os.path.abspath(
+            os.path.join(cwd_text, script_path) if cwd_text else script_path
+        )
         if cwd_text and not os.path.isfile(path):
-            path = os.path.abspath(given)
+            path = os.path.abspath(script_path)
         if not os.path.isfile(path):
             where = f" (nor in cwd={cwd_text!r})" if cwd_text else ""
             raise InvalidSpec(f"the script {path!r} does not exist{where}")
