@@ -138,7 +138,7 @@ def frame(rows: Iterable[dict[str, Any]], columns: list[str]) -> pd.DataFrame:
         if column in df.columns:
             df[column] = pd.to_datetime(df[column], unit="s", utc=True)
     for column in _ID_COLUMNS:  # whole numbers, also where some rows have none
-        if column in df.columns and df[column].dtype.kind == "f":
+        if column in df.columns and df[column].dtype.kind in "fO":
             df[column] = df[column].astype("Int64")
     return df
 
