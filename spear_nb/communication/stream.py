@@ -68,7 +68,6 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
         self.quiet = False  # a refusal that is expected, logged at debug only
         self._spin: BusyPoll | None = None
         self._polls = 0
-        self._fd = -1  # the socket's descriptor, once polled
         self._tell_cpu = False  # the next request says which CPU the loop is on
 
     # -- asyncio.BufferedProtocol --------------------------------------------------
@@ -252,31 +251,10 @@ class StreamChannel(Channel, asyncio.BufferedProtocol):
             poller = select.poll()
             poller.register(sock.fileno(), select.POLLIN)
             spin = self._spin = BusyPoll(poller, seconds)
-            self._fd = sock.fileno()
         self._polls += 1
         if not self._polls % CPU_SAMPLE:  # so that the instance polls elsewhere
             self._tell_cpu = True
-        if spin.wait():
-            self._read_now()
-
-    def _read_now(self) -> None:
-        """Read what a poll found, here rather than in the loop's next turn: the
-        reply is then delivered before its caller awaits it, which saves that
-        caller a turn of the loop and a look at the selector."""
-        transport = self._transport
-        if transport is None or transport.is_closing():
-            return
-        try:
-            received = os.readv(self._fd, [self.get_buffer(-1)])
-        except OSError:  # nothing after all, or an error the transport will see
-            return
-        if not received:
-            return  # the end of the stream: the transport sees it too
-        try:
-            self.buffer_updated(received)
-        except Exception as exc:  # as the transport does with a failing protocol
-            logger.error("reading the %s channel failed: %r", self.type.value, exc)
-            transport.abort()
+        spin.wait()
 
     def _flush(self) -> None:
         outgoing, self._outgoing = self._outgoing, []

@@ -456,27 +456,28 @@ def test_an_instance_that_polls_on_its_callers_cpu_moves_off_it(path) -> None:
 
 
 @_TWO_CPUS
-def test_a_polled_reply_is_delivered_before_its_caller_awaits_it(session) -> None:
-    """A lone call's poll reads the reply it finds at once, so the call ends
-    without another turn of the loop: here the loop never turns, and the reply
-    still arrives."""
-    from spear_nb.runtime._agentcall import decode_reply, dumps_arguments
+def test_polling_for_a_lone_call_does_not_serialise_calls_that_start_together(
+    session,
+) -> None:
+    """The loop polls for the reply of a call that is alone when it starts; the
+    callers that start right after it must still get their calls in flight
+    beside it (a poll that delivered the reply itself let the first caller run
+    all its calls before the others started any: its awaits never waited)."""
+    import asyncio
 
-    session.register("inc", _remote.inc)
-    assert session.submit("inc", 1).result(timeout=30) == 2
-    (instance_id,) = session.instances()["instance_id"]
-    channel = session._manager.factory.pooled(instance_id)
-    instance = session._manager.instances[instance_id]
+    session.register("echo", _remote.inc, max_concurrency=8, pipeline=True)
+    assert session.invoke("echo", 0) == 1
+    order: list[int] = []
 
-    async def one() -> tuple[bool, Any]:
-        message = Message(MessageType.EXECUTE_REQUEST, 0, dumps_arguments((41,), {}))
-        future = channel.start_request(message)
-        deadline = time.monotonic() + 15
-        while not future.done() and time.monotonic() < deadline:
-            channel.poll_for_reply(0.0002)  # never awaits: the loop cannot read
-        delivered = future.done()
-        reply = await future
-        channel.forget(message.request_id)
-        return delivered, decode_reply(reply, instance)
+    async def caller(who: int) -> None:
+        for i in range(20):
+            assert await session._invoke("echo", (i,), {}) == i + 1
+            order.append(who)
 
-    assert session._loop.run(one()) == (True, 42)
+    async def together() -> None:
+        await asyncio.gather(*(caller(who) for who in range(8)))
+
+    session._loop.run(together())
+    # Had the first caller kept the loop, its 20 calls would all come first.
+    assert order[:20] != [0] * 20, order[:20]
+    assert len(set(order[:20])) > 1
