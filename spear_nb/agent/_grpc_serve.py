@@ -279,11 +279,13 @@ async def _serve(
             except BaseException as exc:  # report any failure to load, then stop
                 failure = error_reply(0, exc)
                 failure.type = MessageType.ERROR
-                await context.write(spear_pb2.Frame(body=pack(failure)))
+                # Said before the host hears it: then it may stop this process.
                 print(
                     f"spear_nb agent: cannot load the function: {exc!r}",
                     file=sys.stderr,
+                    flush=True,
                 )
+                await context.write(spear_pb2.Frame(body=pack(failure)))
                 exit_code[0] = EXIT_LOAD
                 finished.set()
                 return

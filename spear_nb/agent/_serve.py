@@ -473,8 +473,13 @@ def run(script_fn: Callable[..., Any] | None = None) -> int:
     except BaseException as exc:  # report any failure to load, then stop
         failure = error_reply(0, exc)
         failure.type = MessageType.ERROR
+        # Said before the host hears it: then it may stop this process.
+        print(
+            f"spear_nb agent: cannot load the function: {exc!r}",
+            file=sys.stderr,
+            flush=True,
+        )
         wire.write(failure)
-        print(f"spear_nb agent: cannot load the function: {exc!r}", file=sys.stderr)
         stop.set()
         return EXIT_LOAD
     concurrency = int(env.get("SPEAR_CONCURRENCY", "1"))
