@@ -550,14 +550,11 @@ def load_cluster(cfg: SessionConfig, workdir: str) -> Cluster:
     """Load the configuration the usual way (in a thread: it may run a plugin)."""
     from kubernetes import client
     from kubernetes import config as kube_config
-    from kubernetes.config.config_exception import ConfigException
 
     configuration = client.Configuration()
     path = kubeconfig_path(cfg)
     try:
-        if path:
-            if cfg.kube_context:
-                check_context(path, cfg.kube_context)
+        if path:  # Session() has read it already (check_kube_settings)
             kube_config.load_kube_config(
                 config_file=path,
                 context=cfg.kube_context or None,
@@ -582,7 +579,7 @@ def load_cluster(cfg: SessionConfig, workdir: str) -> Cluster:
             )
     except ConfigurationError:
         raise
-    except (ConfigException, Exception) as exc:  # its YAML parser's errors too
+    except Exception as exc:  # ConfigException, and its YAML parser's errors
         text = " ".join(str(exc).split())
         raise ConfigurationError(
             f"cannot load the Kubernetes configuration"

@@ -53,8 +53,10 @@ from spear_nb.runtime.base import Runtime, RuntimeContext
 from spear_nb.runtime.zygote import Zygote
 
 logger = logging.getLogger(__name__)
-# spear_nb/ itself (this file is spear_nb/runtime/process.py).
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The directory that holds the spear_nb package (this is spear_nb/runtime/...).
+_PACKAGE_ROOT = os.path.dirname(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
 
 STDERR_TAIL = 2000
 # register(..., pipeline=True): up to max_concurrency calls in flight to one
@@ -319,8 +321,7 @@ class ProcessRuntime(Runtime):
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        # Absolute: a forked instance changes into it, then imports from it.
-        cwd = os.path.abspath(spec.cwd) if spec.cwd else os.getcwd()
+        cwd = _cwd(spec) or os.getcwd()
         _add_python_path(env, cwd)
         return env, cwd
 
@@ -640,7 +641,7 @@ class ProcessRuntime(Runtime):
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
-                cwd=os.path.abspath(spec.cwd) if spec.cwd else None,
+                cwd=_cwd(spec) or None,
                 start_new_session=True,
             )
         except OSError as exc:
@@ -789,12 +790,18 @@ async def _wait_exit(handle: ProcessHandle, timeout: float) -> bool:
     return True
 
 
+def _cwd(spec: ArtifactSpec) -> str:
+    """The function's ``cwd=`` made absolute against the session's own working
+    directory ("" if none): a forked instance changes into it, then imports
+    from it."""
+    return os.path.abspath(spec.cwd) if spec.cwd else ""
+
+
 def _add_python_path(env: dict[str, str], cwd: str) -> None:
     """Let instances import the user's modules in ``cwd`` first, then this
     spear_nb (from the directory that holds the package, never the package's
     own directory, whose modules would hide installed ones of the same names)."""
-    package_root = os.path.dirname(_PACKAGE_DIR)
-    parts = [cwd, package_root]
+    parts = [cwd, _PACKAGE_ROOT]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(parts)
