@@ -8,8 +8,9 @@ asyncio loop (grpc.aio) in a thread of its own, so the stream keeps being read
 while calls run, heartbeats go on and a cancel can reach a running call. A lone
 call runs on the main thread, where a cancel (a signal the agent sends itself)
 breaks even a blocking C call; calls beside it run in the server's thread pool.
-The loop waits a moment for the lone call's reply, so that a quick one goes back
-without a second thread wake-up.
+The loop waits a moment for the lone call's reply, looking busily at first, so
+that a quick one goes back without a second thread wake-up. The loop is uvloop's
+when it is installed, as on the host.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import queue
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
+from spear_nb._bridge import new_event_loop
 from spear_nb.agent._serve import (
     EXIT_LOAD,
     EXIT_NO_HOST,
@@ -45,6 +47,7 @@ from spear_nb.communication.protocol import (
     too_large,
     unpack,
 )
+from spear_nb.communication.wire import BusyWait
 
 _END = object()
 # How long a started agent waits for its host to dial in before giving up.
@@ -65,7 +68,9 @@ class LoopWire:
     directly instead.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_frame: int) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, max_frame: int, busy_wait: float = 0.0
+    ) -> None:
         self.loop = loop
         self.max_frame = max_frame
         self.outbox: asyncio.Queue[Any] = asyncio.Queue()
@@ -76,6 +81,9 @@ class LoopWire:
         # Held while the loop waits; the reply's writer releases it.
         self._handed_over = threading.Lock()
         self._handed_over.acquire()
+        # Looks for the reply before blocking on it (see BusyWait): a thread
+        # woken from sleep answers tens of microseconds later.
+        self._look = BusyWait(lambda: self._handed_over.acquire(False), busy_wait)
 
     def read(self) -> Message | None:  # the loop reads; the server never calls this
         raise NotImplementedError
@@ -106,7 +114,7 @@ class LoopWire:
         """Block up to ``timeout`` for the reply named by :meth:`expect_reply`
         (another thread runs the call meanwhile). None if it has not come by
         then: it goes through the outbox when it does."""
-        if not self._handed_over.acquire(True, timeout):
+        if not self._look.wait() and not self._handed_over.acquire(True, timeout):
             with self._lock:
                 self._awaited = 0
         body, self._handed = self._handed, None
@@ -181,19 +189,10 @@ def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
 
     def serve_stream() -> None:
         try:
-            outcome.append(
-                asyncio.run(
-                    _serve(
-                        env,
-                        script_fn,
-                        grpc,
-                        spear_pb2,
-                        spear_pb2_grpc,
-                        channel_options,
-                        runner,
-                    )
-                )
+            coroutine = _serve(
+                env, script_fn, grpc, spear_pb2, spear_pb2_grpc, channel_options, runner
             )
+            outcome.append(_run(coroutine))
         except BaseException as exc:  # handed to the main thread
             outcome.append(exc)
         if not runner.idle:
@@ -212,6 +211,14 @@ def serve(env: dict[str, str], script_fn: Callable[..., Any] | None) -> int:
     if isinstance(result, BaseException):
         raise result
     return result
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run the server to its end on a loop of its own (uvloop's if installed)."""
+    if sys.version_info < (3, 11):  # no asyncio.Runner: asyncio's own loop
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(coroutine)
 
 
 async def _serve(
@@ -239,6 +246,7 @@ async def _serve(
     max_frame = int(env.get("SPEAR_MAX_FRAME", DEFAULT_MAX_FRAME))
     concurrency = int(env.get("SPEAR_CONCURRENCY", "1"))
     interval = float(env.get("SPEAR_HEARTBEAT", "0"))
+    busy_wait = float(env.get("SPEAR_BUSY_POLL_US", "0")) * 1e-6
     loop = asyncio.get_running_loop()
     connected = asyncio.Event()
     finished = asyncio.Event()
@@ -289,7 +297,7 @@ async def _serve(
                 exit_code[0] = EXIT_LOAD
                 finished.set()
                 return
-            wire = LoopWire(loop, max_frame)
+            wire = LoopWire(loop, max_frame, busy_wait)
             stop = threading.Event()
             if interval > 0:
                 threading.Thread(

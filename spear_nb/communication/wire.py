@@ -7,6 +7,7 @@ uses it still starts within a few milliseconds.
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import socket
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from spear_nb.communication.protocol import (
     LENGTH,
@@ -22,6 +24,8 @@ from spear_nb.communication.protocol import (
     frame,
     unpack,
 )
+
+T = TypeVar("T")
 
 
 class Wire:
@@ -100,63 +104,80 @@ class Wire:
                 self.sock.sendall(b"".join(held))
 
 
-def poll_briefly(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
-    """Look for input for up to ``seconds`` without sleeping; return what the
-    poll found ready, or an empty list if nothing came in time.
+def spin_briefly(look: Callable[[], T], seconds: float) -> T:
+    """Call ``look`` until it finds something (a true result) or ``seconds``
+    have passed, without sleeping; return its last result.
 
     A process woken from sleep on this kind of machine (a virtual CPU that was
     halted) answers tens of microseconds later than one that is still running;
-    polling a little first saves that on back-to-back messages. The CPU is
-    yielded between looks, so a peer on the same CPU may still get to run.
+    looking a little first saves that on back-to-back messages. The CPU is
+    yielded between looks (and the GIL with it), so a peer on the same CPU, or
+    a thread of this process, may still get to run.
     """
     until = time.perf_counter() + seconds
-    while not (ready := poller.poll(0)):
+    while not (found := look()):
         if time.perf_counter() >= until:
-            return ready
+            return found
         os.sched_yield()
-    return ready
+    return found
 
 
-# At most this many waits in a row go without polling after polls that failed.
+def poll_briefly(poller: select.poll, seconds: float) -> list[tuple[int, int]]:
+    """Look for input for up to ``seconds`` without sleeping (see
+    :func:`spin_briefly`); return what the poll found ready, or an empty list if
+    nothing came in time."""
+    return spin_briefly(functools.partial(poller.poll, 0), seconds)
+
+
+# At most this many waits in a row go without looking after looks that failed.
 MAX_SKIP = 64
 
 
-class BusyPoll:
-    """Busy-poll before each blocking read, for as long as that pays.
+class BusyWait(Generic[T]):
+    """Look busily before each blocking wait, for as long as that pays.
 
-    It pays when the peer runs on another CPU and answers within the poll. When
-    a poll finds nothing in time, the peer is slow to answer or shares this CPU
+    It pays when the peer runs on another CPU and answers within the look. When
+    a look finds nothing in time, the peer is slow to answer or shares this CPU
     (the scheduler puts two processes that talk back and forth there), where
-    polling only keeps it from running; so the next waits block at once, twice
-    as many after each failed poll (up to :data:`MAX_SKIP`), and then one poll
-    tries again. A poll that finds input starts over.
+    looking only keeps it from running; so the next waits block at once, twice
+    as many after each failed look (up to :data:`MAX_SKIP`), and then one look
+    tries again. A look that finds something starts over.
     """
 
-    def __init__(self, poller: select.poll, seconds: float) -> None:
-        self.poller = poller
+    def __init__(self, look: Callable[[], T], seconds: float) -> None:
+        self.look = look
         self.seconds = seconds
-        self.skip = 0  # waits left that block without polling
+        self.skip = 0  # waits left that block without looking
         self._backoff = 0
         self.hits = 0
         self.misses = 0
 
-    def wait(self) -> list[tuple[int, int]]:
-        """Poll for up to ``seconds`` unless polling has not been paying; return
-        what the poll found ready (empty if it did not poll or found nothing)."""
+    def wait(self) -> T | None:
+        """Look for up to ``seconds`` unless looking has not been paying; return
+        what the look found (None if it did not look, false if it found
+        nothing)."""
         if not self.seconds:
-            return []
+            return None
         if self.skip:
             self.skip -= 1
-            return []
-        ready = poll_briefly(self.poller, self.seconds)
-        if ready:
+            return None
+        found = spin_briefly(self.look, self.seconds)
+        if found:
             self.hits += 1
             self._backoff = 0
         else:
             self.misses += 1
             self._backoff = min(max(1, 2 * self._backoff), MAX_SKIP)
             self.skip = self._backoff
-        return ready
+        return found
+
+
+class BusyPoll(BusyWait[list[tuple[int, int]]]):
+    """A :class:`BusyWait` on a ``select.poll``: what it finds is the ready list."""
+
+    def __init__(self, poller: select.poll, seconds: float) -> None:
+        super().__init__(functools.partial(poller.poll, 0), seconds)
+        self.poller = poller
 
 
 def _find_getcpu() -> Callable[[], int]:

@@ -160,3 +160,62 @@ def test_the_grpc_agent_hands_a_quick_reply_to_its_waiting_loop() -> None:
         assert body is not None and b"mine" in body
 
     asyncio.run(main())
+
+
+def test_the_grpc_agent_looks_for_a_quick_reply_before_it_blocks() -> None:
+    """With busy polling on, the loop looks for the reply before it sleeps on it;
+    a reply that comes after the look is still waited for, and the look then
+    backs off (see BusyWait)."""
+    import asyncio
+
+    from spear_nb.agent._grpc_serve import LoopWire
+
+    async def main() -> None:
+        wire = LoopWire(asyncio.get_running_loop(), 1 << 20, busy_wait=30.0)
+        wire.expect_reply(1)
+        worker = threading.Thread(
+            target=wire.write, args=(Message(MessageType.EXECUTE_RESPONSE, 1, b"a"),)
+        )
+        worker.start()  # within the 30 s look: found without blocking
+        body = wire.wait_for_reply(30)
+        worker.join()
+        assert body is not None and b"a" in body
+        assert (wire._look.hits, wire._look.misses) == (1, 0)
+
+        wire._look.seconds = 0.001  # a look too short for a reply that waits
+        wire.expect_reply(2)
+        written = threading.Event()
+
+        def write_after_the_look() -> None:
+            written.wait(30)
+            wire.write(Message(MessageType.EXECUTE_RESPONSE, 2, b"b"))
+
+        def look_then_tell() -> bool:
+            written.set()  # the reply is written while the look finds nothing
+            return False
+
+        wire._look.look = look_then_tell
+        writer = threading.Thread(target=write_after_the_look)
+        writer.start()
+        body = wire.wait_for_reply(30)
+        writer.join()
+        assert body is not None and b"b" in body
+        assert wire._look.misses == 1 and wire._look.skip == 1
+
+    asyncio.run(main())
+
+
+def test_the_grpc_agent_serves_on_uvloop_when_it_is_installed() -> None:
+    """As on the host: uvloop roughly halves the loop's cost per message."""
+    import asyncio
+
+    pytest.importorskip("uvloop")
+    from spear_nb.agent._grpc_serve import _run
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    if sys.version_info >= (3, 11):
+        assert _run(loop_module()).startswith("uvloop")  # type: ignore[arg-type]
+    else:  # without asyncio.Runner, asyncio's own loop
+        assert _run(loop_module()).startswith("asyncio")  # type: ignore[arg-type]
