@@ -516,9 +516,9 @@ class Session:
         self._run(stop())
 
     @property
-    def functions(self) -> list[str]:
-        """The registered function names."""
-        return sorted(self._manager.functions)
+    def functions(self) -> FunctionNames:
+        """The registered function names, sorted; ``s.functions()`` works too."""
+        return FunctionNames(sorted(self._manager.functions))
 
     # -- many calls, timelines and the dashboard ---------------------------------------
 
@@ -866,6 +866,14 @@ class Session:
 
     async def _html(self) -> str:
         return display.session_html(self, self._manager)
+
+
+class FunctionNames(list[str]):
+    """The registered function names: a list, which may also be called (like the
+    tables beside it, ``s.functions()``) for a copy of itself."""
+
+    def __call__(self) -> list[str]:
+        return list(self)
 
 
 class FunctionInfo:

@@ -105,6 +105,9 @@ def test_two_lambdas_invoked_directly(session) -> None:
 def test_direct_invoke_registers_the_callable(session) -> None:
     assert session.invoke(_remote.double, 4) == 8
     assert "double" in session.functions
+    # Called like the tables beside it, it gives the same names.
+    assert session.functions() == session.functions == sorted(session.functions)
+    assert type(session.functions()) is list
     assert session.invoke("double", 5) == 10
     assert session.invoke(_remote.double, 6) == 12
     # Calling by object again reuses the registration and the warm instance.

@@ -297,7 +297,10 @@ class TaskExecutionManager:
             self._count(execution)
             execution.finished()
             if instance is not None:
-                instance.metrics.finished(duration, ok)
+                if execution.refused:
+                    instance.metrics.withdrawn()
+                else:
+                    instance.metrics.finished(duration, ok)
                 task.metrics.finished(duration, ok)
                 self._wake(task)
 
@@ -354,7 +357,7 @@ class TaskExecutionManager:
         try:
             runtime = self.runtimes.get(task.runtime)
             result = runtime.call_direct(
-                instance, lane, args, kwargs, started + timeout, self._loop
+                instance, lane, args, kwargs, started + timeout, self._loop, execution
             )
             execution.marks.append(time.perf_counter())
             ok = True
@@ -421,7 +424,8 @@ class TaskExecutionManager:
             self.events.record_execution(execution)
             self._count(execution)
             duration = execution.duration or 0.0
-            instance.metrics.record(duration, ok)
+            if not execution.refused:
+                instance.metrics.record(duration, ok)
             task = instance.task
             task.metrics.record(duration, ok)
             channel = self.factory.pooled(instance.instance_id)

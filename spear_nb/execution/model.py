@@ -134,6 +134,12 @@ class Metrics:
         self.active -= 1
         self.count(seconds, ok)
 
+    def withdrawn(self) -> None:
+        """Give back a slot taken for a call that was refused before it was
+        sent: the call does not count as a request."""
+        self.active -= 1
+        self.total -= 1
+
     def record(self, seconds: float, ok: bool) -> None:
         """Count a call whose slot was taken and given back elsewhere (a direct
         call, which changes ``active`` in its own thread)."""
@@ -352,6 +358,9 @@ class Execution:
     marks: list[float] = dataclasses.field(default_factory=list)
     seq: int = 0  # first sequence number of its events in the event log
     direct: bool = False  # made over the instance's direct lane, not the loop
+    # Refused before it was sent (arguments that cannot be pickled, a payload
+    # over the size limit): its instance never saw it and does not count it.
+    refused: bool = False
     listeners: list[Callable[[Execution], None]] | None = None
 
     def finished(self) -> None:

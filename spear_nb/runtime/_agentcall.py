@@ -76,17 +76,21 @@ async def call_agent(
     ``after_send`` runs once the request is on its way, before the wait.
     """
     stream = request.mode is ExecutionMode.STREAM
-    message = Message(
-        MessageType.EXECUTE_REQUEST,
-        0,
-        dumps_arguments(request.args, request.kwargs),
-        {"mode": "stream"} if stream else None,
-    )
     on_chunk = request.on_chunk
     on_stream = None
     if stream and on_chunk is not None:
         on_stream = lambda m: on_chunk(pickle.loads(m.payload))  # noqa: E731
-    future = channel.start_request(message, on_stream)
+    try:
+        message = Message(
+            MessageType.EXECUTE_REQUEST,
+            0,
+            dumps_arguments(request.args, request.kwargs),
+            {"mode": "stream"} if stream else None,
+        )
+        future = channel.start_request(message, on_stream)
+    except (InvalidArguments, PayloadTooLarge):
+        execution.refused = True  # nothing was sent
+        raise
     rid = message.request_id
     if after_send is not None:
         after_send()

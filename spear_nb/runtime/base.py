@@ -79,10 +79,12 @@ class Runtime(abc.ABC):
         kwargs: dict[str, Any],
         deadline: float,
         loop: asyncio.AbstractEventLoop,
+        execution: Execution,
     ) -> Any:
         """Run one call over an instance's direct lane, in the calling thread.
 
-        Only runtimes whose instances open lanes implement it.
+        Only runtimes whose instances open lanes implement it. A call refused
+        before it is sent is marked ``execution.refused``.
         """
         raise NotImplementedError(f"the {self.type.value} runtime has no lanes")
 

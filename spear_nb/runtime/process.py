@@ -33,6 +33,7 @@ from spear_nb.errors import (
     ExecutionTimeout,
     InstanceCrashed,
     InstanceStartFailed,
+    InvalidArguments,
     InvalidSpec,
     PayloadTooLarge,
     SpearError,
@@ -523,10 +524,16 @@ class ProcessRuntime(Runtime):
         kwargs: dict[str, Any],
         deadline: float,
         loop: asyncio.AbstractEventLoop,
+        execution: Execution,
     ) -> Any:
         handle = instance.handle
         assert isinstance(handle, ProcessHandle)
-        message = Message(MessageType.EXECUTE_REQUEST, 0, dumps_arguments(args, kwargs))
+        try:
+            payload = dumps_arguments(args, kwargs)
+        except InvalidArguments:
+            execution.refused = True
+            raise
+        message = Message(MessageType.EXECUTE_REQUEST, 0, payload)
 
         def check() -> str:
             # Read from this thread, written on the loop: a stale answer only
@@ -537,6 +544,9 @@ class ProcessRuntime(Runtime):
 
         try:
             reply = lane.call(message, deadline, check)
+        except PayloadTooLarge:  # from encoding it: nothing was sent
+            execution.refused = True
+            raise
         except LaneTimeout:
             self._stop_direct(instance, handle, lane, message.request_id, loop)
             raise ExecutionTimeout(

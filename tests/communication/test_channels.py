@@ -174,12 +174,22 @@ def test_arguments_just_under_and_just_over_the_limit(small_frames, kind) -> Non
             s.invoke("size", b"x" * size)
         _assert_ours(info.value)
         assert "max_frame_size" in str(info.value)  # says what to change
+    # The same from the loop (submit), where a sync call may take a lane.
+    with pytest.raises(spear_nb.PayloadTooLarge):
+        s.submit("size", b"x" * (fits + 1)).result(timeout=60)
+    with pytest.raises(spear_nb.InvalidArguments):  # cannot be pickled
+        s.invoke("size", threading.Lock())
     # Nothing broke: the same instance serves the next call.
     assert s.invoke("size", b"abc") == 3
     (row,) = rows(s.instances(), function="size").to_dict("records")
     assert row["status"] == "ready" and row["channel"] == kind
     statuses = s.executions()["status"].tolist()
-    assert statuses == ["succeeded", "failed", "failed", "succeeded"]
+    assert statuses == ["succeeded", *["failed"] * 4, "succeeded"]
+    # The instance never saw the refused calls; the function's count has them.
+    assert (row["requests_total"], row["requests_failed"]) == (2, 0)
+    assert row["active"] == 0
+    task = s.tasks().set_index("function").loc["size"]
+    assert (task["requests_total"], task["requests_failed"]) == (6, 4)
 
 
 @pytest.mark.parametrize("kind", CHANNELS)
