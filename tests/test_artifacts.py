@@ -113,8 +113,10 @@ def grpc_state() -> None:
 def test_handler_that_cannot_be_imported(
     session, tmp_path, channel, grpc_state
 ) -> None:
+    """The module is there, but importing it fails inside the instance."""
+    (tmp_path / "broken_handler.py").write_text("import no_such_module_xyz\n")
     session.register(
-        "missing", handler="no_such_module_xyz:fn", cwd=tmp_path, channel=channel
+        "missing", handler="broken_handler:fn", cwd=tmp_path, channel=channel
     )
     with pytest.raises(spear_nb.InstanceStartFailed) as info:
         session.invoke("missing", 1)
@@ -124,6 +126,28 @@ def test_handler_that_cannot_be_imported(
     assert "cannot load the function" in message
     assert "exited with code 0" not in message
     assert session.invoke(_remote.inc, 1) == 2
+
+
+def test_handler_whose_module_is_nowhere_is_refused_at_register(
+    session, tmp_path
+) -> None:
+    """Not at its first call: the module is looked up (not imported) where an
+    instance would look for it."""
+    with pytest.raises(spear_nb.InvalidSpec) as info:
+        session.register("missing", handler="no_such_module_xyz:fn", cwd=tmp_path)
+    message = str(info.value)
+    assert "'no_such_module_xyz'" in message and str(tmp_path) in message
+    assert "cwd=" in message  # says what to do
+    assert "missing" not in session.functions
+    # Found in cwd=, in a package, or installed: registered (nothing imported yet).
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "mod.py").write_text("def twice(x):\n    return 2 * x\n")
+    session.register("pkg", handler="pkg.mod:twice", cwd=tmp_path)
+    session.register("dumps", handler="json:dumps")
+    assert session.invoke("pkg", 4) == 8 and session.invoke("dumps", [1]) == "[1]"
+    with pytest.raises(spear_nb.InvalidSpec, match=r"package\.module:function"):
+        session.register("bad", handler="no-such.module:fn")
 
 
 def test_script_using_the_agent_library(session, tmp_path) -> None:

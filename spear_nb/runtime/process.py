@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import importlib.machinery
 import logging
 import os
 import signal
@@ -144,10 +145,13 @@ class ProcessRuntime(Runtime):
             return
         if spec.kind is ArtifactKind.SCRIPT and not os.path.isfile(spec.target):
             raise InvalidSpec(f"the script {spec.target!r} does not exist")
-        if spec.kind is ArtifactKind.HANDLER and ":" not in spec.target:
-            raise InvalidSpec(
-                f"a handler is 'package.module:function', got {spec.target!r}"
-            )
+        if spec.kind is ArtifactKind.HANDLER:
+            if ":" not in spec.target:
+                raise InvalidSpec(
+                    f"a handler is 'package.module:function', got {spec.target!r}"
+                )
+            if not self.context.config.python:  # else its path is not known here
+                _check_handler_module(spec)
         if spec.kind not in (
             ArtifactKind.CALLABLE,
             ArtifactKind.HANDLER,
@@ -805,6 +809,33 @@ def _cwd(spec: ArtifactSpec) -> str:
     directory ("" if none): a forked instance changes into it, then imports
     from it."""
     return os.path.abspath(spec.cwd) if spec.cwd else ""
+
+
+def _check_handler_module(spec: ArtifactSpec) -> None:
+    """Refuse a handler whose module an instance could not find: it would
+    register, and fail only at its first call. Nothing is imported here (that
+    would run the user's module in the session); the module's top-level name is
+    looked up where an instance looks, and wherever this process does."""
+    module = spec.target.split(":", 1)[0]
+    top = module.split(".", 1)[0]
+    if not all(part.isidentifier() for part in module.split(".")):
+        raise InvalidSpec(
+            f"a handler is 'package.module:function', got {spec.target!r}"
+        )
+    if top in sys.builtin_module_names or top in sys.modules:
+        return
+    cwd = _cwd(spec) or os.getcwd()
+    extra = [dict(spec.env).get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
+    paths = [cwd, _PACKAGE_ROOT]
+    paths += [p for value in extra if value for p in value.split(os.pathsep)]
+    paths += [p or os.getcwd() for p in sys.path]
+    found = importlib.machinery.PathFinder.find_spec(top, paths)
+    if found is None and importlib.machinery.FrozenImporter.find_spec(top) is None:
+        raise InvalidSpec(
+            f"the handler {spec.target!r} names a module {top!r} that is neither in "
+            f"{cwd} nor on the Python path; check the name, pass cwd= the directory "
+            "that holds it, or install it"
+        )
 
 
 def _add_python_path(env: dict[str, str], cwd: str) -> None:
