@@ -40,8 +40,11 @@ def _delete_pods(pods: dict[tuple[str, str], str]) -> None:
             )
             api.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
         except Exception as exc:  # best effort: the host is gone, nobody to tell
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             print(
-                f"spear_nb watchdog: could not delete pod {name}: {exc}",
+                f"spear_nb watchdog: could not delete pod {name} in namespace "
+                f"{namespace} ({reason[:200]}); delete it with: kubectl delete pod "
+                f"-n {namespace} {name}",
                 file=sys.stderr,
             )
 

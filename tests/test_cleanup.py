@@ -264,3 +264,36 @@ def test_forking_after_grpc_prints_nothing(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "fork" not in done.stderr, done.stderr
+
+
+def test_the_watchdog_says_how_to_delete_a_pod_it_could_not(tmp_path) -> None:
+    """The host died and the API server cannot be reached (here: nothing listens
+    at its address): one line names the pod and the command that deletes it."""
+    pytest.importorskip("kubernetes")
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(
+        textwrap.dedent(
+            """
+            apiVersion: v1
+            kind: Config
+            clusters: [{name: c, cluster: {server: "http://127.0.0.1:9"}}]
+            users: [{name: u, user: {token: t}}]
+            contexts: [{name: x, context: {cluster: c, user: u}}]
+            current-context: x
+            """
+        )
+    )
+    # The lines a session sends; end of input without "bye": the host died.
+    lines = f"pod spear-ns spear-f-1 {kubeconfig}\n"
+    done = subprocess.run(
+        [sys.executable, "-m", "spear_nb._watchdog"],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
+    )
+    assert done.returncode == 0
+    (line,) = done.stderr.strip().splitlines()
+    assert "could not delete pod spear-f-1 in namespace spear-ns" in line
+    assert line.endswith("kubectl delete pod -n spear-ns spear-f-1")
