@@ -201,6 +201,42 @@ def test_host_killed_with_sigkill_leaves_nothing(tmp_path, start_method) -> None
     assert not os.path.exists(info["workdir"])
 
 
+KUBE_HOST = """
+import json, threading
+import spear_nb
+from spear_nb.testing import LocalKubeAPI
+
+kube = LocalKubeAPI().start()
+s = spear_nb.Session(kubeconfig=kube.kubeconfig, stop_grace=0.5)
+s.register("inc", lambda x: x + 1, image="spear-nb-agent:test")
+assert s.invoke("inc", 1) == 2
+print(json.dumps({"kube": kube.directory, "pods": kube.pod_pids()}), flush=True)
+threading.Event().wait()
+"""
+
+
+def test_host_of_a_local_kube_api_killed_with_sigkill_leaves_nothing(
+    tmp_path,
+) -> None:
+    """The test double's pods die, and its directory (kubeconfig, pod logs) is
+    removed, by the watchdogs of the session and of the API server."""
+    pytest.importorskip("kubernetes")
+    process = _run_script(tmp_path, KUBE_HOST)
+    try:
+        info = json.loads(_read_line(process, timeout=120))
+        host = psutil.Process(process.pid)
+        pids = {p.pid for p in host.children(recursive=True)} | set(info["pods"])
+        assert info["pods"] and os.path.isdir(info["kube"])
+        process.kill()
+        process.wait(60)
+    finally:
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    assert all_gone(sorted(pids)) == []
+    assert not os.path.exists(info["kube"])
+
+
 def test_closing_a_session_that_used_grpc_leaves_no_thread(tmp_path) -> None:
     # In a new interpreter: the other tests keep gRPC's pollers open on purpose.
     process = _run_script(

@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from spear_nb._cleanup import Watchdog
 from spear_nb.testing import _websocket as ws
 from spear_nb.testing._kubelet import POD_IP, Kubelet
 from spear_nb.testing._kubestore import (
@@ -160,6 +161,9 @@ class LocalKubeAPI:
         self._thread: threading.Thread | None = None
         self._connections: dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
+        # Removes the directory (kubeconfig, pod logs) should this process die
+        # without stop(): a SIGKILL, a kernel restart.
+        self._watchdog: Watchdog | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -173,6 +177,9 @@ class LocalKubeAPI:
         host, port = server.server_address[:2]
         self.url = f"http://{host!s}:{port}"
         self._write_kubeconfig()
+        self._watchdog = Watchdog()
+        self._watchdog.start()
+        self._watchdog.tell(f"path {self.directory}")
         self._thread = threading.Thread(
             target=server.serve_forever,
             kwargs={"poll_interval": 0.05},
@@ -204,6 +211,9 @@ class LocalKubeAPI:
         if self._thread is not None:
             self._thread.join(timeout=5)
         shutil.rmtree(self.directory, ignore_errors=True)
+        if self._watchdog is not None:
+            self._watchdog.close()
+            self._watchdog = None
         logger.info("local Kubernetes API server at %s stopped", self.url)
 
     def __enter__(self) -> LocalKubeAPI:
