@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import textwrap
 
 import pytest
@@ -222,3 +224,32 @@ def test_command_takes_exactly_one_bytes_payload(session) -> None:
     with pytest.raises(spear_nb.InvalidArguments, match="only Python functions"):
         list(session.stream("wc", b"a"))
     assert session.invoke("wc", b"still works") == b"2\n"
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_function_from_a_directory_the_session_put_on_sys_path(
+    tmp_path, start_method
+) -> None:
+    """A notebook's ``sys.path.insert(0, "src")`` reaches the instances (the
+    function is pickled by reference: its instance imports its module)."""
+    name = f"added_path_module_{start_method}"
+    (tmp_path / f"{name}.py").write_text("def thrice(x):\n    return 3 * x\n")
+    try:
+        with spear_nb.Session(stop_grace=0.5, start_method=start_method) as s:
+            assert s.invoke(_remote.inc, 1) == 2  # instances (a fork's zygote) run
+            sys.path.insert(0, str(tmp_path))  # after they started
+            module = importlib.import_module(name)
+            assert s.invoke(module.thrice, 2) == 6
+            if start_method == "fork":  # the forking process keeps its path
+                return
+            # Taken off sys.path again: a new instance says where it looked.
+            sys.path.remove(str(tmp_path))
+            s.register("again", module.thrice)
+            with pytest.raises(spear_nb.InstanceStartFailed) as info:
+                s.invoke("again", 2)
+            assert f"No module named '{name}'" in str(info.value)
+            assert "cwd=" in str(info.value) and "PYTHONPATH" in str(info.value)
+    finally:
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)

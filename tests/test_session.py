@@ -12,7 +12,7 @@ import pytest
 import spear_nb
 from spear_nb.execution.events import PHASES
 from tests import _remote
-from tests._support import EventWaiter, all_gone, rows
+from tests._support import EventWaiter, ReadySignal, all_gone, rows
 
 
 def test_invoke_returns_the_result(session) -> None:
@@ -95,6 +95,49 @@ def test_reregistering_a_name_runs_the_new_code(session) -> None:
     assert len(table) == 2, table
     assert old_id in set(rows(table, status="stopped")["instance_id"])
     assert len(rows(table, status="ready")) == 1
+
+
+@pytest.mark.parametrize("how", ["submit", "invoke in a thread"])
+def test_reregistering_lets_a_running_call_finish_on_the_old_instance(
+    session, how
+) -> None:
+    """The old instance stops once its call has ended, not in the middle of it
+    (which failed the call with a lost channel)."""
+    ready = ReadySignal()
+    results: list[object] = []
+    try:
+        session.register("job", _remote.report_and_block)
+        if how == "submit":
+            handle = session.submit("job", ready.port, "old")
+        else:  # a blocking call, which takes the instance's direct lane
+            caller = threading.Thread(
+                target=lambda: results.append(session.invoke("job", ready.port, "old"))
+            )
+            caller.start()
+        ready.wait(60)  # the old call runs
+        (old_id,) = rows(session.instances(), function="job")["instance_id"]
+        with EventWaiter(
+            session,
+            lambda e: e.phase == "instance_stopped" and e.instance_id == old_id,
+        ) as stopped:
+            session.register("job", _remote.double)
+            assert session.invoke("job", 4) == 8  # the new code, on a new instance
+            old = rows(session.instances(), instance_id=old_id)
+            assert old["status"].iloc[0] == "ready"  # still running the old call
+            ready.release()
+            if how == "submit":
+                assert handle.result(timeout=60) == "old"
+            else:
+                caller.join(60)
+                assert results == ["old"]
+            assert stopped.wait(30), "the old instance was not stopped"
+    finally:
+        ready.release()
+        ready.close()
+    (old,) = rows(session.instances(), instance_id=old_id).to_dict("records")
+    assert old["status"] == "stopped" and old["requests_ok"] == 1
+    statuses = session.executions()["status"].tolist()
+    assert statuses.count("succeeded") == len(statuses)
 
 
 def test_two_lambdas_invoked_directly(session) -> None:

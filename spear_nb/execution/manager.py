@@ -191,11 +191,22 @@ class TaskExecutionManager:
         return task
 
     def _retire(self, task: Task) -> None:
-        """Stop the instances of a task that no name points to any more."""
+        """Stop the instances of a task that no name points to any more: the
+        idle ones now, the others as their last call (or queued call) ends."""
         if any(t is task for t in self.functions.values()):
             return
         task.status = TaskStatus.STOPPED
-        for instance in list(task.instances):
+        self._stop_idle(task)
+
+    def _stop_idle(self, task: Task) -> None:
+        """Stop a retired task's idle instances, once no call waits for one."""
+        if self._waiters.get(task.task_id):
+            return
+        with self._slots:  # so that no direct call takes one meanwhile
+            idle = [i for i in task.instances if not i.metrics.active]
+            for instance in idle:
+                task.instances.remove(instance)
+        for instance in idle:
             self._spawn(self.stop_instance(instance, "its function was re-registered"))
 
     # -- phase 1..5 ----------------------------------------------------------------
@@ -530,7 +541,10 @@ class TaskExecutionManager:
                 waiters.remove(waiter)
 
     def _wake(self, task: Task, count: int = 1) -> None:
-        """Let up to ``count`` queued calls look for a free slot again."""
+        """Let up to ``count`` queued calls look for a free slot again (a call
+        ended, or an instance stopped)."""
+        if task.status is TaskStatus.STOPPED:
+            self._stop_idle(task)
         waiters = self._waiters.get(task.task_id)
         while waiters and count > 0:
             waiter = waiters.popleft()

@@ -457,6 +457,12 @@ class ProcessRuntime(Runtime):
             if handle.exited.done():
                 detail += f"; the process {describe_exit(handle.exited.result())}"
             tail = read_tail(handle.log_path)
+            if "ModuleNotFoundError" in detail:
+                detail += (
+                    "; an instance imports from its cwd=, PYTHONPATH and the "
+                    "session's sys.path: pass cwd= the directory that holds the "
+                    "module, or env={'PYTHONPATH': ...}"
+                )
             if tail.strip():
                 detail += f"\n--- its output ends with ---\n{tail.rstrip()}"
         if isinstance(exc, InstanceStartFailed):
@@ -841,11 +847,35 @@ def _check_handler_module(spec: ArtifactSpec) -> None:
 def _add_python_path(env: dict[str, str], cwd: str) -> None:
     """Let instances import the user's modules in ``cwd`` first, then this
     spear_nb (from the directory that holds the package, never the package's
-    own directory, whose modules would hide installed ones of the same names)."""
+    own directory, whose modules would hide installed ones of the same names),
+    then what PYTHONPATH says, then what the session's own ``sys.path`` has that
+    a new interpreter would not (see :func:`_added_paths`)."""
     parts = [cwd, _PACKAGE_ROOT]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
+    parts += [p for p in _added_paths() if p not in parts]
     env["PYTHONPATH"] = os.pathsep.join(parts)
+
+
+def _added_paths() -> list[str]:
+    """The directories on this process's ``sys.path`` that are not the
+    interpreter's own (its standard library and site-packages): the script's
+    directory, and any a notebook added (``sys.path.insert(0, "src")``), so that
+    a function imported from there can be imported in its instance too. Read
+    when each instance starts."""
+    own = {
+        os.path.realpath(p)
+        for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
+    }
+    added: list[str] = []
+    for entry in sys.path:
+        path = os.path.abspath(entry or os.getcwd())
+        real = os.path.realpath(path)
+        if any(real == p or real.startswith(p + os.sep) for p in own):
+            continue
+        if os.path.exists(path) and path not in added:
+            added.append(path)
+    return added
 
 
 def grpc_address(workdir: str, instance_id: str) -> str:
