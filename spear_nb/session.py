@@ -134,10 +134,14 @@ class Session:
 
     # -- the bridge ----------------------------------------------------------------
 
+    def _check_usable(self) -> None:
+        if self.state is not SessionState.OPEN:
+            raise SessionClosed("The session is closed; create a new one.")
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.state is not SessionState.OPEN:
             coro.close()
-            raise SessionClosed("The session is closed; create a new one.")
+            self._check_usable()
         if self._loop.on_loop_thread:
             return self._loop.run(coro)  # refused there, with the reason
         return self._loop.run(self._settled(coro))
@@ -145,7 +149,7 @@ class Session:
     async def _arun(self, coro: Coroutine[Any, Any, T]) -> T:
         if self.state is not SessionState.OPEN:
             coro.close()
-            raise SessionClosed("The session is closed; create a new one.")
+            self._check_usable()
         return await self._loop.run_async(self._settled(coro))
 
     async def _settled(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -727,8 +731,7 @@ class Session:
         with ``widgets=False``) a :class:`StaticDashboard` shows the same
         information as HTML and text, as of the call.
         """
-        if self.state is not SessionState.OPEN:
-            raise SessionClosed("The session is closed; create a new one.")
+        self._check_usable()
         current = self._live_dashboard()
         if current is not None and widgets:
             if interval is not None:
@@ -747,8 +750,7 @@ class Session:
         self, *, interval: float | None = None, widgets: bool = True
     ) -> Dashboard | StaticDashboard:
         """Coroutine twin of :meth:`dashboard`."""
-        if self.state is not SessionState.OPEN:
-            raise SessionClosed("The session is closed; create a new one.")
+        self._check_usable()
         current = self._live_dashboard()
         if current is not None and widgets:
             if interval is not None:
@@ -828,12 +830,14 @@ class Session:
         await asyncio.get_running_loop().run_in_executor(None, self.close)
 
     def __enter__(self) -> Session:
+        self._check_usable()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     async def __aenter__(self) -> Session:
+        self._check_usable()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

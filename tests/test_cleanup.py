@@ -71,6 +71,8 @@ def test_a_closed_session_raises_session_closed() -> None:
         lambda: s.invoke("inc", 1),
         lambda: s.register("other", _remote.inc),
         lambda: asyncio.run(s.ainvoke("inc", 1)),
+        lambda: s.__enter__(),  # with s: again
+        lambda: asyncio.run(s.__aenter__()),
     ):
         with pytest.raises(spear_nb.SessionClosed, match="closed"):
             use()

@@ -167,6 +167,18 @@ def test_reactor_transforms_bytes(s) -> None:
     assert details["channel"] == "memory"
 
 
+def test_calls_handed_to_one_instance_at_once_wait_there_in_order(s) -> None:
+    """max_concurrency=N: an instance takes up to N calls; its one thread runs
+    them one after another, each with its own result."""
+    s.register("upper", wasm=UPPER, max_concurrency=4, max_instances=1)
+    handles = [s.submit("upper", f"call {i}") for i in range(12)]
+    assert [h.result(timeout=60) for h in handles] == [
+        f"CALL {i}".encode() for i in range(12)
+    ]
+    (row,) = rows(s.instances(), function="upper").to_dict("records")
+    assert (row["capacity"], row["requests_total"], row["requests_ok"]) == (4, 12, 12)
+
+
 def test_reactor_given_as_bytes_and_inline_wat(s) -> None:
     with open(UPPER, encoding="utf-8") as f:
         text = f.read()
