@@ -252,3 +252,8 @@ def sys_exit(message: str) -> None:
 
 def interrupt_itself() -> None:
     raise KeyboardInterrupt("raised by the function itself")
+
+
+def hold_the_gil(n):
+    """One C call that keeps the GIL (no thread of the process runs meanwhile)."""
+    return sum(range(n))

@@ -92,6 +92,9 @@ class CommunicationFactory:
         self._expected: dict[str, _Expectation] = {}
         self._pool: dict[str, Channel] = {}
         self._connectors: dict[str, Connector] = {}
+        # Per instance: asked when its channel has been silent too long; True
+        # means the peer is known to be busy (running on a CPU), not paused.
+        self._busy_checks: dict[str, Callable[[], bool]] = {}
         self._history: list[Channel] = []
         self._heartbeat_task: asyncio.Task[None] | None = None
         # Instances stopped lately: one may still dial in, and is refused quietly.
@@ -324,11 +327,17 @@ class CommunicationFactory:
                 if channel.expects_heartbeats:
                     heard = channel.stats.last_activity or channel.stats.connected_at
                     silent = now - (heard or now)
-                    if silent > limit:
+                    if silent > limit and not self._busy(channel, silent):
                         channel.stats.errors += 1
                         channel.drop(
                             f"nothing heard for {silent:.1f} s ({misses} heartbeats "
                             "missed): the instance is paused or hung"
+                            + (
+                                ""
+                                if channel.instance_id in self._busy_checks
+                                else " (or its function holds the GIL in one long "
+                                "C call: if so, raise heartbeat_misses)"
+                            )
                         )
                         continue
                 try:
@@ -336,6 +345,24 @@ class CommunicationFactory:
                     channel.send(beat)
                 except ChannelError:
                     continue
+
+    def _busy(self, channel: Channel, silent: float) -> bool:
+        check = self._busy_checks.get(channel.instance_id)
+        if check is None or not check():
+            return False
+        # Its heartbeat thread cannot run: a C call holds the GIL, say.
+        logger.info(
+            "instance %s: nothing heard for %.1f s, but it is busy on a CPU",
+            channel.instance_id,
+            silent,
+        )
+        return True
+
+    def set_busy_check(self, instance_id: str, check: Callable[[], bool]) -> None:
+        """Let a silent channel of ``instance_id`` live on while ``check()`` says
+        its peer is busy (the runtime can see its process run) rather than
+        paused; without one, silence alone ends the channel."""
+        self._busy_checks[instance_id] = check
 
     # -- channels made by runtimes (memory, grpc) ---------------------------------
 
@@ -374,6 +401,7 @@ class CommunicationFactory:
         if self._expected.pop(instance_id, None) is not None:
             self._released.append(instance_id)
         self._connectors.pop(instance_id, None)
+        self._busy_checks.pop(instance_id, None)
         self.close_lane(instance_id, "the instance was stopped")
         channel = self._pool.pop(instance_id, None)
         if channel is not None:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgpack
+import psutil
 
 from spear_nb.communication.channel import Channel
 from spear_nb.communication.factory import MAX_UNIX_PATH
@@ -229,6 +230,7 @@ class ProcessRuntime(Runtime):
                         instance, f"its channel was lost: {lost.close_reason}"
                     )
                 )
+                factory.set_busy_check(instance.instance_id, _BusyCheck(handle.pid))
             elif not done:
                 raise InstanceStartFailed(
                     f"instance {instance.instance_id} did not load its function "
@@ -815,6 +817,48 @@ def _cwd(spec: ArtifactSpec) -> str:
     directory ("" if none): a forked instance changes into it, then imports
     from it."""
     return os.path.abspath(spec.cwd) if spec.cwd else ""
+
+
+class _BusyCheck:
+    """Whether a silent instance's process is busy, not paused: it runs (it is
+    not stopped, SIGSTOP, nor gone) and its CPU time grows between two looks.
+    Such a process can miss heartbeats while one C call holds its GIL (a long
+    ``sum(range(...))``), and its call should run on to its timeout."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._seen: tuple[float, float] | None = None  # (monotonic, CPU seconds)
+
+    def __call__(self) -> bool:
+        try:
+            process = psutil.Process(self.pid)
+            with process.oneshot():
+                status = process.status()
+                times = process.cpu_times()
+        except psutil.Error:
+            return False
+        now, cpu = time.monotonic(), times.user + times.system
+        seen, self._seen = self._seen, (now, cpu)
+        if status in _NOT_RUNNING:
+            return False
+        if seen is None or now - seen[0] > _BUSY_LOOK_GAP:
+            # A first look (of this silence): whether it runs on a CPU now.
+            return bool(status == psutil.STATUS_RUNNING)
+        return cpu > seen[1]
+
+
+# Looks further apart than this (seconds) belong to different silences.
+_BUSY_LOOK_GAP = 30.0
+
+
+_NOT_RUNNING = frozenset(
+    {
+        psutil.STATUS_STOPPED,
+        psutil.STATUS_TRACING_STOP,
+        psutil.STATUS_ZOMBIE,
+        psutil.STATUS_DEAD,
+    }
+)
 
 
 def _check_handler_module(spec: ArtifactSpec) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 
@@ -183,3 +184,49 @@ def test_an_idle_paused_instance_is_replaced_transparently(beating, kind) -> Non
 
         assert wait_until(lambda: "SIGKILL" in failure()), failure()
         assert "heartbeat" in failure()  # still why it was killed
+
+
+@pytest.mark.parametrize("kind", ["unix", "grpc"])
+def test_a_call_holding_the_gil_past_the_silence_limit_runs_on(
+    beating, kind, caplog
+) -> None:
+    """One long C call holds the GIL, so the agent's heartbeat thread cannot
+    beat; the session sees the process run on a CPU and lets the call go on."""
+    s, _ = beating
+    # About four silence limits' worth of sum(range(n)) on this machine.
+    n = 2_000_000
+    started = time.perf_counter()
+    _remote.hold_the_gil(n)
+    n = int(n * 4 * INTERVAL * MISSES / (time.perf_counter() - started))
+    s.register("hog", _remote.hold_the_gil, channel=kind)
+    assert s.invoke("hog", 10) == 45
+    (instance_id,) = s.instances()["instance_id"]
+    with caplog.at_level("INFO", logger="spear_nb.communication.factory"):
+        assert s.invoke("hog", n) == n * (n - 1) // 2
+    assert "but it is busy on a CPU" in caplog.text  # it was silent that long
+    row = _channel(s, instance_id)
+    assert row["state"] == "connected" and row["errors"] == 0
+    assert list(s.instances()["instance_id"]) == [instance_id]
+
+
+def test_the_busy_check_tells_a_running_process_from_a_stopped_one() -> None:
+    from spear_nb.runtime.process import _BusyCheck
+
+    spin = psutil.Popen([sys.executable, "-c", "while True: pass"])
+    sleep = psutil.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        busy, idle = _BusyCheck(spin.pid), _BusyCheck(sleep.pid)
+        busy()
+        cpu = sum(spin.cpu_times()[:2])
+        assert wait_until(lambda: sum(spin.cpu_times()[:2]) > cpu, timeout=30)
+        assert busy()  # its CPU time grew since the last look
+        assert wait_until(lambda: sleep.status() == psutil.STATUS_SLEEPING, 30)
+        assert not idle() and not idle()  # asleep: it would beat if it could
+        spin.send_signal(signal.SIGSTOP)
+        assert wait_until(lambda: spin.status() == psutil.STATUS_STOPPED, 30)
+        assert not busy()  # paused
+        assert not _BusyCheck(2**22 + 12345)()  # no such process
+    finally:
+        for process in (spin, sleep):
+            process.kill()
+            process.wait(30)
