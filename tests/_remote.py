@@ -257,3 +257,10 @@ def interrupt_itself() -> None:
 def hold_the_gil(n):
     """One C call that keeps the GIL (no thread of the process runs meanwhile)."""
     return sum(range(n))
+
+
+def module_attribute(module, name):
+    """``getattr(import_module(module), name, None)`` in the instance."""
+    import importlib
+
+    return getattr(importlib.import_module(module), name, None)

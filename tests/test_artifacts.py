@@ -253,3 +253,20 @@ def test_a_function_from_a_directory_the_session_put_on_sys_path(
         if str(tmp_path) in sys.path:
             sys.path.remove(str(tmp_path))
         sys.modules.pop(name, None)
+
+
+def test_pythonpath_in_env_comes_before_installed_packages(session, tmp_path) -> None:
+    """As in any Python: a PYTHONPATH entry shadows site-packages (here an
+    installed tqdm), and spear_nb's own directory comes last."""
+    from spear_nb.runtime.process import _PACKAGE_ROOT, _add_python_path
+
+    env = {"PYTHONPATH": str(tmp_path)}
+    _add_python_path(env, "/the/cwd")
+    parts = env["PYTHONPATH"].split(os.pathsep)
+    assert parts[:2] == ["/the/cwd", str(tmp_path)] and parts[-1] == _PACKAGE_ROOT
+    (tmp_path / "tqdm").mkdir()
+    (tmp_path / "tqdm" / "__init__.py").write_text("SHADOW = 'ours'\n")
+    session.register(
+        "which", _remote.module_attribute, env={"PYTHONPATH": str(tmp_path)}
+    )
+    assert session.invoke("which", "tqdm", "SHADOW") == "ours"

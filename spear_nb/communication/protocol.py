@@ -115,9 +115,10 @@ def frame(message: Message, max_frame: int = DEFAULT_MAX_FRAME) -> bytes:
 def too_large(message: Message, nbytes: int, max_frame: int) -> PayloadTooLarge:
     """The error for a message of ``nbytes`` over the frame limit, on any channel."""
     return PayloadTooLarge(
-        f"the {message.type.name.lower()} message is {_size(nbytes)}, more than "
-        f"the maximum frame size of {_size(max_frame)}; send less data per call "
-        "or raise max_frame_size in the session's configuration"
+        f"the {message.type.name.lower()} message is {nbytes:,} bytes "
+        f"({_size(nbytes)}), more than the maximum frame size of {max_frame:,} "
+        f"bytes ({_size(max_frame)}); send less data per call or raise "
+        "max_frame_size in the session's configuration"
     )
 
 

@@ -889,15 +889,16 @@ def _check_handler_module(spec: ArtifactSpec) -> None:
 
 
 def _add_python_path(env: dict[str, str], cwd: str) -> None:
-    """Let instances import the user's modules in ``cwd`` first, then this
-    spear_nb (from the directory that holds the package, never the package's
-    own directory, whose modules would hide installed ones of the same names),
-    then what PYTHONPATH says, then what the session's own ``sys.path`` has that
-    a new interpreter would not (see :func:`_added_paths`)."""
-    parts = [cwd, _PACKAGE_ROOT]
+    """Let instances import the user's modules in ``cwd`` first, then from what
+    PYTHONPATH says (before site-packages, as in any Python), then from what the
+    session's own ``sys.path`` has that a new interpreter would not (see
+    :func:`_added_paths`), then this spear_nb: from the directory that holds the
+    package (site-packages, or a checkout), never the package's own directory,
+    whose modules would hide installed ones of the same names."""
+    parts = [cwd]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
-    parts += [p for p in _added_paths() if p not in parts]
+    parts += [p for p in [*_added_paths(), _PACKAGE_ROOT] if p not in parts]
     env["PYTHONPATH"] = os.pathsep.join(parts)
 
 
