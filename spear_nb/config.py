@@ -6,13 +6,16 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from spear_nb.communication.protocol import DEFAULT_MAX_FRAME
+from spear_nb.communication.protocol import DEFAULT_MAX_FRAME, ENVELOPE_ALLOWANCE
 from spear_nb.errors import ConfigurationError, did_you_mean
 from spear_nb.execution.model import QueuePolicy, TaskSettings
 from spear_nb.execution.scheduler import POLICIES
 
 # The smallest max_frame_size a session takes: smaller, no instance could start.
 MIN_FRAME = 4096
+# The largest frame every channel can carry: gRPC's message limits are 32-bit
+# signed integers, and its envelope allowance goes on top.
+MAX_FRAME = 2**31 - 1 - ENVELOPE_ALLOWANCE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +107,13 @@ class SessionConfig:
                 f"SessionConfig.max_frame_size must be at least {MIN_FRAME} bytes "
                 f"(the auth request and the function's code travel in one frame), "
                 f"got {self.max_frame_size!r}"
+            )
+        if self.max_frame_size > MAX_FRAME:
+            raise ConfigurationError(
+                f"SessionConfig.max_frame_size must be at most {MAX_FRAME} bytes "
+                f"(2 GiB less {ENVELOPE_ALLOWANCE}: the largest message gRPC "
+                f"carries), got {self.max_frame_size!r}; send larger data in "
+                "several calls"
             )
         for name in ("direct_calls", "kube_port_forward"):
             if not isinstance(getattr(self, name), bool):

@@ -19,6 +19,7 @@ from tests import _remote
         {"health_check_interval": 0},
         {"max_frame_size": 0},
         {"max_frame_size": 10},  # no instance could start: refused up front
+        {"max_frame_size": 2**40},  # more than a gRPC message or a frame can hold
         {"queue_policy": "sometimes"},
         {"scheduler": "coin_flip"},
     ],

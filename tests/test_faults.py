@@ -366,7 +366,8 @@ def test_command_that_does_not_exist(session, tmp_path) -> None:
 
 def test_command_timeout(session) -> None:
     session.register("slow", command=["sleep", "30"], timeout=0.3)
-    with pytest.raises(spear_nb.ExecutionTimeout, match="timeout"):
+    killed = r"its timeout of 0\.3 s and was killed"
+    with pytest.raises(spear_nb.ExecutionTimeout, match=killed):
         session.invoke("slow", b"")
     (status,) = session.executions()["status"]
     assert status == "timed_out"

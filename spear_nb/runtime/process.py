@@ -680,9 +680,11 @@ class ProcessRuntime(Runtime):
         except asyncio.TimeoutError:
             _kill_group(process.pid)
             await process.wait()
+            # The configured limit, not what was left of it when the call began.
+            limit = request.timeout or instance.task.settings.timeout
             raise ExecutionTimeout(
                 f"the command {list(spec.command)!r} ran past its timeout of "
-                f"{timeout:g} s and was killed"
+                f"{limit:g} s and was killed"
             ) from None
         except asyncio.CancelledError:
             _kill_group(process.pid)
