@@ -11,6 +11,7 @@ import selectors
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterable
 
 import psutil
 import pytest
@@ -112,6 +113,16 @@ def test_an_unclosed_session_that_is_dropped_is_cleaned_up() -> None:
     assert not os.path.exists(workdir)
 
 
+def _sigkill(process: subprocess.Popen, also: Iterable[int] = ()) -> set[int]:
+    """Kill a host script with SIGKILL; return its descendants' pids (and
+    ``also``'s), all of which its watchdogs must then end."""
+    host = psutil.Process(process.pid)
+    pids = {p.pid for p in host.children(recursive=True)} | set(also)
+    process.kill()
+    process.wait(60)
+    return pids
+
+
 def _run_script(tmp_path, body: str, *args: str) -> subprocess.Popen:
     script = tmp_path / "host.py"
     script.write_text(textwrap.dedent(body))
@@ -185,12 +196,9 @@ def test_host_killed_with_sigkill_leaves_nothing(tmp_path, start_method) -> None
     try:
         info = json.loads(_read_line(process))
         running = {ready.wait(60), ready.wait(60)}  # the callable and the command
-        host = psutil.Process(process.pid)
-        pids = {p.pid for p in host.children(recursive=True)} | running
-        assert info["watchdog"] in pids
         assert os.path.isdir(info["workdir"])
-        process.kill()
-        process.wait(60)
+        pids = _sigkill(process, running)
+        assert info["watchdog"] in pids
     finally:
         process.kill()
         process.wait()
@@ -226,11 +234,8 @@ def test_host_of_a_local_kube_api_killed_with_sigkill_leaves_nothing(
     process = _run_script(tmp_path, KUBE_HOST)
     try:
         info = json.loads(_read_line(process, timeout=120))
-        host = psutil.Process(process.pid)
-        pids = {p.pid for p in host.children(recursive=True)} | set(info["pods"])
         assert info["pods"] and os.path.isdir(info["kube"])
-        process.kill()
-        process.wait(60)
+        pids = _sigkill(process, info["pods"])
     finally:
         process.kill()
         process.wait()
