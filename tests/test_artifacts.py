@@ -150,6 +150,14 @@ def test_handler_whose_module_is_nowhere_is_refused_at_register(
     assert session.invoke("pkg", 4) == 8 and session.invoke("dumps", [1]) == "[1]"
     with pytest.raises(spear_nb.InvalidSpec, match=r"package\.module:function"):
         session.register("bad", handler="no-such.module:fn")
+    # A missing function is found only by importing: at the first call, which
+    # says what to check first, then the remote traceback.
+    session.register("noattr", handler="json:no_such_function")
+    with pytest.raises(spear_nb.InstanceStartFailed) as info:
+        session.invoke("noattr", 1)
+    first, _, _ = str(info.value).partition("\n")
+    assert "has no attribute 'no_such_function'" in first
+    assert "check the function's name after the ':' in 'json:no_such_function'" in first
 
 
 def test_script_using_the_agent_library(session, tmp_path) -> None:
@@ -255,18 +263,31 @@ def test_a_function_from_a_directory_the_session_put_on_sys_path(
         sys.modules.pop(name, None)
 
 
-def test_pythonpath_in_env_comes_before_installed_packages(session, tmp_path) -> None:
+def test_pythonpath_in_env_comes_before_installed_packages(
+    session, tmp_path, monkeypatch
+) -> None:
     """As in any Python: a PYTHONPATH entry shadows site-packages (here an
-    installed tqdm), and spear_nb's own directory comes last."""
-    from spear_nb.runtime.process import _PACKAGE_ROOT, _add_python_path
+    installed tqdm), and the standard library still comes before site-packages
+    (an installed spear_nb's directory, site-packages, is not put first)."""
+    import site
+
+    from spear_nb.runtime import process
 
     env = {"PYTHONPATH": str(tmp_path)}
-    _add_python_path(env, "/the/cwd")
+    monkeypatch.setattr(process, "_PACKAGE_ROOT", site.getsitepackages()[0])
+    process._add_python_path(env, "/the/cwd")
     parts = env["PYTHONPATH"].split(os.pathsep)
-    assert parts[:2] == ["/the/cwd", str(tmp_path)] and parts[-1] == _PACKAGE_ROOT
+    assert parts[:2] == ["/the/cwd", str(tmp_path)]
+    assert not [p for p in parts if process._interpreters_own(p)], parts
+    monkeypatch.undo()
+
     (tmp_path / "tqdm").mkdir()
     (tmp_path / "tqdm" / "__init__.py").write_text("SHADOW = 'ours'\n")
     session.register(
         "which", _remote.module_attribute, env={"PYTHONPATH": str(tmp_path)}
     )
     assert session.invoke("which", "tqdm", "SHADOW") == "ours"
+    path = session.invoke("which", "sys", "path")
+    stdlib = os.path.dirname(os.__file__)
+    first_site = min(i for i, p in enumerate(path) if "site-packages" in p)
+    assert path.index(stdlib) < first_site, path

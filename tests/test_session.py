@@ -140,6 +140,37 @@ def test_reregistering_lets_a_running_call_finish_on_the_old_instance(
     assert statuses.count("succeeded") == len(statuses)
 
 
+def test_reregistering_while_the_first_instance_starts_lets_its_call_run(
+    session, tmp_path
+) -> None:
+    """The call that is starting the old function's first instance runs there
+    (the instance was stopped as it became ready, before the call took it)."""
+    ready = ReadySignal()
+    (tmp_path / "slow_to_load.py").write_text(
+        "import os, socket\n"
+        "c = socket.create_connection(('127.0.0.1', int(os.environ['TEST_PORT'])))\n"
+        "c.sendall(f'{os.getpid()}\\n'.encode())\n"
+        "c.recv(1)\n"
+        "def fn(x):\n"
+        "    return ('old', x)\n"
+    )
+    env = {"TEST_PORT": str(ready.port)}
+    try:
+        session.register("job", handler="slow_to_load:fn", cwd=tmp_path, env=env)
+        handle = session.submit("job", 1)
+        ready.wait(60)  # its instance is loading the function
+        assert handle.status == "pending"
+        session.register("job", _remote.double)
+        ready.release()
+        assert handle.result(timeout=60) == ("old", 1)
+        assert session.invoke("job", 4) == 8
+    finally:
+        ready.release()
+        ready.close()
+    old = rows(session.instances(), function="job").sort_values("instance_id")
+    assert old["requests_ok"].tolist() == [1, 1]
+
+
 def test_two_lambdas_invoked_directly(session) -> None:
     assert session.invoke(lambda x: x + 1, 1) == 2
     assert session.invoke(lambda x: x * 10, 2) == 20

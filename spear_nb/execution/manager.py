@@ -480,9 +480,7 @@ class TaskExecutionManager:
             if instance is not None:
                 return instance, False
             if len(task.instances) + task.starting < settings.max_instances:
-                instance = await self._create_instance(task)
-                instance.metrics.started()
-                task.metrics.started()
+                instance = await self._create_instance(task, for_a_call=True)
                 return instance, True
             waiters = self._waiters[task.task_id]
             if settings.queue_policy is QueuePolicy.REJECT or (
@@ -552,7 +550,11 @@ class TaskExecutionManager:
                 waiter.set_result(None)
                 count -= 1
 
-    async def _create_instance(self, task: Task) -> TaskInstance:
+    async def _create_instance(
+        self, task: Task, for_a_call: bool = False
+    ) -> TaskInstance:
+        """Start an instance of ``task``; ``for_a_call``: its creator's call takes
+        one slot at once (before anything else can see it idle)."""
         task.starting += 1
         started = time.perf_counter()
         instance = TaskInstance(task.next_instance_id(), task, secrets.token_hex(16))
@@ -592,6 +594,9 @@ class TaskExecutionManager:
             self._wake(task)
         instance.move(InstanceStatus.READY)
         instance.health = Health.HEALTHY
+        if for_a_call:
+            instance.metrics.started()
+            task.metrics.started()
         task.instances.append(instance)
         # Its free slots (all but the one its creator takes) serve queued calls.
         self._wake(task, instance.capacity - 1)

@@ -454,19 +454,18 @@ class ProcessRuntime(Runtime):
 
     def _start_failure(self, instance: TaskInstance, exc: SpearError) -> SpearError:
         handle = instance.handle
-        detail = str(exc)
+        # What went wrong and what to do first; the remote traceback after it.
+        detail, remote, trace = str(exc).partition("\n\nRemote traceback:")
         if isinstance(handle, ProcessHandle):
             if handle.exited.done():
                 detail += f"; the process {describe_exit(handle.exited.result())}"
+            detail += _load_hint(detail, instance.task.artifact.spec)
+            detail += remote + trace
             tail = read_tail(handle.log_path)
-            if "ModuleNotFoundError" in detail:
-                detail += (
-                    "; an instance imports from its cwd=, PYTHONPATH and the "
-                    "session's sys.path: pass cwd= the directory that holds the "
-                    "module, or env={'PYTHONPATH': ...}"
-                )
             if tail.strip():
                 detail += f"\n--- its output ends with ---\n{tail.rstrip()}"
+        else:
+            detail += remote + trace
         if isinstance(exc, InstanceStartFailed):
             exc.args = (detail,)
             return exc
@@ -821,6 +820,19 @@ def _cwd(spec: ArtifactSpec) -> str:
     return os.path.abspath(spec.cwd) if spec.cwd else ""
 
 
+def _load_hint(detail: str, spec: ArtifactSpec) -> str:
+    """What to check when an instance could not load its function."""
+    if "ModuleNotFoundError" in detail:
+        return (
+            "; check the module's name: an instance imports from its cwd=, "
+            "PYTHONPATH and the session's sys.path (pass cwd= the directory that "
+            "holds the module, or env={'PYTHONPATH': ...})"
+        )
+    if spec.kind is ArtifactKind.HANDLER and "AttributeError" in detail:
+        return f"; check the function's name after the ':' in {spec.target!r}"
+    return ""
+
+
 class _BusyCheck:
     """Whether a silent instance's process is busy, not paused: it runs (it is
     not stopped, SIGSTOP, nor gone) and its CPU time grows between two looks.
@@ -892,35 +904,44 @@ def _check_handler_module(spec: ArtifactSpec) -> None:
 
 def _add_python_path(env: dict[str, str], cwd: str) -> None:
     """Let instances import the user's modules in ``cwd`` first, then from what
-    PYTHONPATH says (before site-packages, as in any Python), then from what the
-    session's own ``sys.path`` has that a new interpreter would not (see
-    :func:`_added_paths`), then this spear_nb: from the directory that holds the
-    package (site-packages, or a checkout), never the package's own directory,
-    whose modules would hide installed ones of the same names."""
+    PYTHONPATH says, then from what the session's own ``sys.path`` has that a new
+    interpreter would not (see :func:`_added_paths`), then from the directory
+    that holds spear_nb if that is a checkout (never the package's own
+    directory, whose modules would hide installed ones of the same names). The
+    interpreter's own directories (the standard library, then site-packages)
+    follow in their usual order."""
     parts = [cwd]
     if env.get("PYTHONPATH"):
         parts.append(env["PYTHONPATH"])
-    parts += [p for p in [*_added_paths(), _PACKAGE_ROOT] if p not in parts]
+    added = _added_paths()
+    if not _interpreters_own(_PACKAGE_ROOT):
+        added.append(_PACKAGE_ROOT)
+    parts += [p for p in added if p not in parts]
     env["PYTHONPATH"] = os.pathsep.join(parts)
+
+
+def _interpreters_own(path: str) -> bool:
+    """Whether ``path`` is under this interpreter's prefixes (its standard
+    library, its site-packages, a virtualenv's)."""
+    real = os.path.realpath(path)
+    for prefix in {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}:
+        own = os.path.realpath(prefix)
+        if real == own or real.startswith(own + os.sep):
+            return True
+    return False
 
 
 def _added_paths() -> list[str]:
     """The directories on this process's ``sys.path`` that are not the
-    interpreter's own (its standard library and site-packages): the script's
-    directory, and any a notebook added (``sys.path.insert(0, "src")``), so that
-    a function imported from there can be imported in its instance too. Read
-    when each instance starts."""
-    own = {
-        os.path.realpath(p)
-        for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
-    }
+    interpreter's own: the script's directory, and any a notebook added
+    (``sys.path.insert(0, "src")``), so that a function imported from there can
+    be imported in its instance too. Read when each instance starts."""
     added: list[str] = []
     for entry in sys.path:
         path = os.path.abspath(entry or os.getcwd())
-        real = os.path.realpath(path)
-        if any(real == p or real.startswith(p + os.sep) for p in own):
+        if _interpreters_own(path) or not os.path.exists(path):
             continue
-        if os.path.exists(path) and path not in added:
+        if path not in added:
             added.append(path)
     return added
 
