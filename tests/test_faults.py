@@ -364,6 +364,17 @@ def test_command_that_does_not_exist(session, tmp_path) -> None:
     assert_usable(session)
 
 
+def test_command_output_over_the_frame_limit() -> None:
+    with spear_nb.Session(stop_grace=0.5, max_frame_size=4096) as s:
+        s.register("zeros", command=["head", "-c", "5000", "/dev/zero"])
+        with pytest.raises(spear_nb.PayloadTooLarge) as info:
+            s.invoke("zeros", b"")
+        assert "wrote 5,000 bytes" in str(info.value)
+        assert "max_frame_size" in str(info.value)  # says what to change
+        s.register("fits", command=["head", "-c", "4096", "/dev/zero"])
+        assert s.invoke("fits", b"") == bytes(4096)
+
+
 def test_command_timeout(session) -> None:
     session.register("slow", command=["sleep", "30"], timeout=0.3)
     killed = r"its timeout of 0\.3 s and was killed"

@@ -696,8 +696,10 @@ class ProcessRuntime(Runtime):
         assert code is not None
         if len(stdout) > self.context.config.max_frame_size:
             raise PayloadTooLarge(
-                f"the command wrote {len(stdout)} bytes, more than the maximum "
-                f"frame size of {self.context.config.max_frame_size}"
+                f"the command wrote {len(stdout):,} bytes, more than the maximum "
+                f"frame size of {self.context.config.max_frame_size:,} bytes; have "
+                "it write less per call, or raise max_frame_size in the session's "
+                "configuration"
             )
         if code != 0:
             tail = stderr[-STDERR_TAIL:].decode("utf-8", "replace").rstrip()
