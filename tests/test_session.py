@@ -80,14 +80,19 @@ def test_registering_the_same_function_twice_keeps_the_task(session) -> None:
     assert len(rows(session.instances(), function="inc")) == 1
 
 
+def _stops(session: spear_nb.Session, instance_id: str) -> EventWaiter:
+    """Waits for the instance_stopped event of ``instance_id``."""
+    return EventWaiter(
+        session,
+        lambda e: e.phase == "instance_stopped" and e.instance_id == instance_id,
+    )
+
+
 def test_reregistering_a_name_runs_the_new_code(session) -> None:
     session.register("f", _remote.double)
     assert session.invoke("f", 5) == 10
     (old_id,) = rows(session.instances(), function="f")["instance_id"]
-    with EventWaiter(
-        session,
-        lambda e: e.phase == "instance_stopped" and e.instance_id == old_id,
-    ) as stopped:
+    with _stops(session, old_id) as stopped:
         session.register("f", _remote.triple)
         assert session.invoke("f", 5) == 15
         assert stopped.wait(30), "the old instance was not stopped"
@@ -116,10 +121,7 @@ def test_reregistering_lets_a_running_call_finish_on_the_old_instance(
             caller.start()
         ready.wait(60)  # the old call runs
         (old_id,) = rows(session.instances(), function="job")["instance_id"]
-        with EventWaiter(
-            session,
-            lambda e: e.phase == "instance_stopped" and e.instance_id == old_id,
-        ) as stopped:
+        with _stops(session, old_id) as stopped:
             session.register("job", _remote.double)
             assert session.invoke("job", 4) == 8  # the new code, on a new instance
             old = rows(session.instances(), instance_id=old_id)
