@@ -891,10 +891,10 @@ def _check_handler_module(spec: ArtifactSpec) -> None:
     if top in sys.builtin_module_names or top in sys.modules:
         return
     cwd = _cwd(spec) or os.getcwd()
-    extra = [dict(spec.env).get("PYTHONPATH", ""), os.environ.get("PYTHONPATH", "")]
-    paths = [cwd, _PACKAGE_ROOT]
-    paths += [p for value in extra if value for p in value.split(os.pathsep)]
-    paths += [p or os.getcwd() for p in sys.path]
+    env = {**os.environ, **dict(spec.env)}  # as _environment builds it
+    _add_python_path(env, cwd)
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    paths += [p or os.getcwd() for p in sys.path]  # the interpreter's own
     found = importlib.machinery.PathFinder.find_spec(top, paths)
     if found is None and importlib.machinery.FrozenImporter.find_spec(top) is None:
         raise InvalidSpec(
